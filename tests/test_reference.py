@@ -1,0 +1,112 @@
+import torch
+import torch.nn.functional as F
+
+import shl_kernels as shl
+
+
+def _seg(C, sizes, gen):
+    perm = torch.randperm(C, generator=gen).tolist()
+    segs, at = [], 0
+    for s in sizes:
+        segs.append(perm[at:at + s])
+        at += s
+    return shl.Segmentation.from_segments(segs, C)
+
+
+def test_singletons_equal_bce():
+    gen = torch.Generator().manual_seed(0)
+    B, C = 5, 7
+    seg = shl.Segmentation.from_segments([[c] for c in range(C)], C)
+    z = (torch.randn(B, C, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    y = torch.rand(B, C, generator=gen) < 0.3
+    loss = shl.segmented_harmonic_loss(z, y, seg, reduction="sum")
+    (g,) = torch.autograd.grad(loss, z)
+    z2 = z.detach().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(z2, y.double(), reduction="sum")
+    (g2,) = torch.autograd.grad(ref, z2)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g, g2)
+
+
+def test_hand_computed_case():
+    # one segment {0, 1}, label 0 positive, eta = 0.5, w0 = 2
+    seg = shl.Segmentation.from_segments([[0, 1]], 2)
+    z = torch.tensor([[1.0, -0.5]], dtype=torch.float64)
+    y = torch.tensor([[1, 0]])
+    eta = torch.tensor([0.5], dtype=torch.float64)
+    w = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    loss = shl.segmented_harmonic_loss(z, y, seg, label_weights=w, null_logits=eta,
+                                       reduction="sum")
+    import math
+    expect = 2.0 * (math.log(math.exp(0.5) + math.exp(1.0) + math.exp(-0.5)) - 1.0)
+    assert abs(loss.item() - expect) < 1e-12
+    # no positive: null event
+    loss0 = shl.segmented_harmonic_loss(z, torch.zeros(1, 2), seg, null_logits=eta,
+                                        reduction="sum")
+    expect0 = math.log(math.exp(0.5) + math.exp(1.0) + math.exp(-0.5)) - 0.5
+    assert abs(loss0.item() - expect0) < 1e-12
+
+
+def test_gradcheck_all_inputs():
+    gen = torch.Generator().manual_seed(1)
+    B, C = 4, 9
+    seg = _seg(C, [3, 1, 5], gen)
+    z = torch.randn(B, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    eta = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+    y = torch.rand(B, C, generator=gen) < 0.3
+    ign = torch.rand(B, C, generator=gen) < 0.2
+
+    def f(z, eta, delta):
+        return shl.segmented_harmonic_loss(z, y, seg, label_weights=w, null_logits=eta,
+                                           logit_offsets=delta, ignore=ign, reduction="none")
+    assert torch.autograd.gradcheck(f, (z, eta, delta))
+
+
+def test_ignore_semantics():
+    gen = torch.Generator().manual_seed(2)
+    B, C = 3, 6
+    seg = _seg(C, [4, 2], gen)
+    z = torch.randn(B, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(B, C, dtype=torch.bool)
+    y[0, 1] = True
+    ign = torch.zeros(B, C, dtype=torch.bool)
+    ign[0, 1] = True  # ignored positive: acts as absent
+    loss = shl.segmented_harmonic_loss(z, y, seg, ignore=ign, reduction="none")
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    assert g[0, 1] == 0
+    # same as dropping the label from the problem: logits of -inf for it
+    z2 = z.detach().clone()
+    z2[0, 1] = float("-inf")
+    loss2 = shl.segmented_harmonic_loss(z2, torch.zeros_like(y), seg, reduction="none")
+    torch.testing.assert_close(loss.detach(), loss2)
+    # a fully ignored segment contributes 0
+    segA = seg.order[seg.offsets[1]:seg.offsets[2]]
+    ign2 = torch.zeros(B, C, dtype=torch.bool)
+    ign2[:, segA] = True
+    full = shl.segmented_harmonic_loss(z.detach(), y, seg, ignore=ign2, reduction="none")
+    only = shl.Segmentation.from_segments([seg.order[:seg.offsets[1]].tolist(), segA.tolist()], C)
+    assert torch.isfinite(full).all() and only.num_segments == 2
+
+
+def test_reductions_and_csr():
+    gen = torch.Generator().manual_seed(3)
+    B, C = 4, 5
+    seg = _seg(C, [2, 3], gen)
+    z = torch.randn(B, C, generator=gen)
+    y = torch.zeros(B, C, dtype=torch.bool)
+    y[0, 1] = y[2, 4] = y[2, 0] = True
+    rows = shl.segmented_harmonic_loss(z, y, seg, reduction="none")
+    torch.testing.assert_close(shl.segmented_harmonic_loss(z, y, seg, reduction="sum"), rows.sum())
+    torch.testing.assert_close(shl.segmented_harmonic_loss(z, y, seg), rows.mean())
+    csr = (torch.tensor([0, 1, 1, 3, 3]), torch.tensor([1, 4, 0]))
+    torch.testing.assert_close(shl.segmented_harmonic_loss(z, csr, seg, reduction="none"), rows)
+
+
+def test_nan_propagates_and_huge_logits():
+    seg = shl.Segmentation.from_segments([[0, 1], [2]], 3)
+    z = torch.tensor([[80.0, -80.0, 80.0], [float("nan"), 0.0, 0.0]])
+    loss = shl.segmented_harmonic_loss(z, torch.tensor([[1, 0, 0], [0, 0, 0]]), seg,
+                                       reduction="none")
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
