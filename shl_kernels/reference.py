@@ -11,9 +11,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _seg_index(seg: Segmentation, B: int, device) -> torch.Tensor:
-    sizes = seg.offsets[1:] - seg.offsets[:-1]
-    idx = torch.repeat_interleave(torch.arange(seg.num_segments), sizes)
-    return idx.to(device).unsqueeze(0).expand(B, -1)
+    return seg.segment_at_position.to(device).unsqueeze(0).expand(B, -1)
 
 
 def shl_loss_reference(z: torch.Tensor, pos: torch.Tensor, seg: Segmentation,

@@ -21,11 +21,15 @@ class Segmentation:
         return int(self.offsets.numel() - 1)
 
     @property
-    def segment_of(self) -> torch.Tensor:
+    def segment_at_position(self) -> torch.Tensor:
+        """int64 [C]: segment of each segment-ordered position."""
         sizes = self.offsets[1:] - self.offsets[:-1]
-        seg_at_pos = torch.repeat_interleave(torch.arange(self.num_segments), sizes)
+        return torch.repeat_interleave(torch.arange(self.num_segments), sizes)
+
+    @property
+    def segment_of(self) -> torch.Tensor:
         out = torch.empty(self.num_labels, dtype=torch.int64)
-        out[self.order] = seg_at_pos
+        out[self.order] = self.segment_at_position
         return out
 
     @classmethod
