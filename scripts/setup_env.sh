@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the package with its pinned dependencies.
+# Creates .venv (if missing), installs the pinned dependencies and builds the package
+# (native extension shl_kernels._C included, CUDA kernels too when nvcc is on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 pip install -q torch==2.13.0          # CPU wheel from local disk; must come first
-pip install -q "numpy<2.4" pytest ruff
+# triton 3.6's CPU interpreter breaks on numpy 2.4; build tools come from here because the
+# package is built with --no-build-isolation (isolation would pull a CUDA torch).
+pip install -q "numpy<2.4" triton==3.6.0 "numba==0.68.*" "pybind11==3.1.*" cmake ninja \
+    scipy tqdm matplotlib networkx pytest ruff
 pip install -q --no-build-isolation -e .

@@ -1,0 +1,36 @@
+// The fused SHL kernel's arguments, shared by the CPU (csrc/shl_cpu.cpp) and CUDA
+// (csrc/shl_cuda.cu) implementations. Plain pointers; the bindings check shapes/dtypes.
+#pragma once
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace shl {
+
+// One fused pass: per row, the SHL loss (SPEC section 3) and its gradient.
+// "acc" is float64 when z is float64, else float32.
+struct ShlArgs {
+  const void* z = nullptr;  // [B, C] logits, original label order, dtype z_dtype
+  DType z_dtype = DType::kF32;
+  int64_t B = 0, C = 0, m = 0;
+  const uint8_t* pos = nullptr;      // [B, C] nonzero = positive (bool/uint8 storage)
+  const uint8_t* ign = nullptr;      // [B, C] nonzero = ignored; null = none ignored
+  const int64_t* order = nullptr;    // [C] original label id at segment position; null = identity
+  const int64_t* offsets = nullptr;  // [m + 1] segment boundaries over positions
+  const void* w = nullptr;           // [C] acc, label weights by original id; null = 1
+  const void* eta = nullptr;         // [m] acc, null logits; null = 0
+  const void* delta = nullptr;       // [C] acc, logit offsets by original id; null = 0
+  double grad_scale = 1.0;           // multiplies grad and grad_eta (1/B for "mean")
+  void* loss = nullptr;              // out [B] acc: row losses l_i (unscaled)
+  void* grad = nullptr;              // out [B, C] z dtype: grad_scale * dl_i/dz, original order
+  void* grad_eta = nullptr;          // out [B, m] acc: grad_scale * dl_i/deta_k; null = skip
+  int num_threads = 0;               // CPU: OpenMP threads (0 = runtime default)
+};
+
+// Returns nullptr on success, else a static error message.
+const char* shl_fused_cpu(const ShlArgs& a);
+#ifdef SHL_WITH_CUDA
+const char* shl_fused_cuda(const ShlArgs& a, void* stream);
+#endif
+
+}  // namespace shl
