@@ -1,65 +1,154 @@
-"""Public loss API (SPEC section 4). Only the "torch" backend exists so far."""
+"""Public loss API (SPEC section 4): input checks, conversion for the kernels, dispatch."""
 from __future__ import annotations
 
 import torch
 
+from .backends import available_backends, fused_kernel, resolve
+from .fused import FusedSHL
 from .reference import harmonic_weights, shl_loss_reference
 from .segmentation import Segmentation
 
+__all__ = ["SegmentedHarmonicLoss", "available_backends", "segmented_harmonic_loss"]
 
-def available_backends() -> list[str]:
-    return ["torch"]
+_REDUCTIONS = ("mean", "sum", "none")
 
 
-def _dense(t, B: int, C: int, name: str, device) -> torch.Tensor:
-    if isinstance(t, tuple):
-        indptr, indices = t
-        if indptr.numel() != B + 1:
-            raise ValueError(f"{name}: CSR indptr must have B+1={B + 1} entries")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= C):
-            raise ValueError(f"{name}: label ids must be in [0, {C})")
-        rows = torch.repeat_interleave(torch.arange(B, device=device), indptr.diff().long())
-        out = torch.zeros(B, C, dtype=torch.bool, device=device)
-        if torch.bincount(rows * C + indices.long(), minlength=1).max() > 1 if indices.numel() else False:
-            raise ValueError(f"{name}: duplicate label ids in a row")
-        out[rows, indices.long()] = True
-        return out
+def _csr_to_dense(t: tuple, B: int, C: int, name: str, device: torch.device) -> torch.Tensor:
+    if len(t) != 2 or not all(isinstance(x, torch.Tensor) for x in t):
+        raise TypeError(f"{name}: a CSR pair must be (indptr, indices) tensors")
+    indptr, indices = t
+    for part, x in (("indptr", indptr), ("indices", indices)):
+        if x.dtype not in (torch.int32, torch.int64) or x.dim() != 1:
+            raise TypeError(f"{name}: CSR {part} must be a 1-D int32/int64 tensor, got "
+                            f"{x.dtype} with {x.dim()} dims")
+        if x.device != device:
+            raise ValueError(f"{name}: CSR {part} is on {x.device}, logits on {device}; "
+                             "move it with .to(logits.device)")
+    if indptr.numel() != B + 1:
+        raise ValueError(f"{name}: CSR indptr must have B+1={B + 1} entries, got {indptr.numel()}")
+    counts = indptr.diff().long()
+    if (B and int(indptr[0]) != 0) or bool((counts < 0).any()) or int(indptr[-1]) != indices.numel():
+        raise ValueError(f"{name}: CSR indptr must start at 0, not decrease and end at "
+                         f"len(indices)={indices.numel()}")
+    idx = indices.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= C):
+        raise ValueError(f"{name}: label ids must be in [0, {C}), got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    rows = torch.repeat_interleave(torch.arange(B, device=device), counts)
+    flat = rows * C + idx
+    out = torch.zeros(B * C, dtype=torch.uint8, device=device)
+    out.index_fill_(0, flat, 1)
+    if idx.numel() and int(out.sum()) != idx.numel():
+        raise ValueError(f"{name}: duplicate label ids in a row")
+    return out.view(B, C)
+
+
+def _status(t, B: int, C: int, name: str, device: torch.device) -> torch.Tensor:
+    """Dense uint8 [B, C] (1 = set) from a dense 0/1 tensor or a CSR pair; no copy for bool."""
+    if isinstance(t, tuple | list):
+        return _csr_to_dense(tuple(t), B, C, name, device)
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor or an (indptr, indices) tuple")
+        raise TypeError(f"{name}: expected a [B, C] tensor or an (indptr, indices) tuple, "
+                        f"got {type(t).__name__}")
     if t.shape != (B, C):
         raise ValueError(f"{name}: expected shape ({B}, {C}), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name}: on {t.device}, logits on {device}; move it with .to()")
-    return t != 0
+    if t.dtype == torch.bool:
+        return t.contiguous().view(torch.uint8)
+    if t.dtype == torch.uint8:
+        return t.contiguous()
+    if t.is_complex():
+        raise TypeError(f"{name}: complex dtype {t.dtype} is not a 0/1 tensor")
+    if bool(((t != 0) & (t != 1)).any()):
+        raise ValueError(f"{name}: dense targets must hold only 0 and 1 (soft labels are "
+                         "not part of SHL)")
+    return (t != 0).view(torch.uint8)
+
+
+def _param(x, shape: tuple, name: str, z: torch.Tensor, positive: bool = False):
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x, device=z.device)
+    if x.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
+    if x.device != z.device:
+        raise ValueError(f"{name}: on {x.device}, logits on {z.device}; move it with .to()")
+    if positive and (not bool(torch.isfinite(x).all()) or bool((x <= 0).any())):
+        raise ValueError(f"{name}: must be finite and > 0")
+    return x
+
+
+def _seg_tensors(seg: Segmentation, device: torch.device):
+    """(order or None for identity, offsets) on `device`, cached on the Segmentation."""
+    cache = seg.__dict__.setdefault("_device_tensors", {})
+    if device not in cache:
+        identity = bool(torch.equal(seg.order, torch.arange(seg.num_labels)))
+        order = None if identity else seg.order.to(device).contiguous()
+        cache[device] = (order, seg.offsets.to(device).contiguous())
+    return cache[device]
+
+
+_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def segmented_harmonic_loss(logits: torch.Tensor, targets, seg: Segmentation, *,
-                            label_weights=None, null_logits=None, logit_offsets=None,
-                            ignore=None, reduction: str = "mean",
-                            backend: str = "auto") -> torch.Tensor:
+                            label_weights: torch.Tensor | None = None,
+                            null_logits: torch.Tensor | None = None,
+                            logit_offsets: torch.Tensor | None = None,
+                            ignore=None, reduction: str = "mean", backend: str = "auto",
+                            inplace: bool = False) -> torch.Tensor:
+    """Segmented Harmonic Loss of SPEC section 3 (targets/ignore dense 0/1 or CSR).
+
+    inplace=True (fused backends only) overwrites `logits` with the gradient to save its
+    memory: `logits` must not be used afterwards.
+    """
+    if not isinstance(seg, Segmentation):
+        raise TypeError(f"seg: expected a shl_kernels.Segmentation, got {type(seg).__name__}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError("logits: expected a 2-D tensor [B, C]")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits: expected a floating dtype, got {logits.dtype}")
+    if logits.dtype not in _SUPPORTED:
+        raise TypeError(f"logits: unsupported dtype {logits.dtype}; use float32, float64, "
+                        "float16 or bfloat16")
     B, C = logits.shape
     if C != seg.num_labels:
         raise ValueError(f"logits: has {C} labels, the segmentation {seg.num_labels}")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: {backend!r} is not available; available: {available_backends()}")
-    if label_weights is not None:
-        w = torch.as_tensor(label_weights)
-        if w.shape != (C,) or not torch.isfinite(w).all() or (w <= 0).any():
-            raise ValueError("label_weights: expected [C] finite positive weights")
-    pos = _dense(targets, B, C, "targets", logits.device)
-    ign = None if ignore is None else _dense(ignore, B, C, "ignore", logits.device)
-    return shl_loss_reference(logits, pos, seg, label_weights, null_logits, logit_offsets,
-                              ign, reduction)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    name = resolve(backend, logits.device)
+    w = _param(label_weights, (C,), "label_weights", logits, positive=True)
+    eta = _param(null_logits, (seg.num_segments,), "null_logits", logits)
+    delta = _param(logit_offsets, (C,), "logit_offsets", logits)
+    pos = _status(targets, B, C, "targets", logits.device)
+    ign = None if ignore is None else _status(ignore, B, C, "ignore", logits.device)
+    if name == "torch" or B == 0:
+        if inplace and name == "torch":
+            raise ValueError("inplace: needs a fused backend ('cpu', 'triton' or 'cuda')")
+        return shl_loss_reference(logits, pos, seg, w, eta, delta, ign, reduction)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    order, offsets = _seg_tensors(seg, logits.device)
+
+    def cast(x):
+        return None if x is None else x.to(acc).contiguous()
+
+    z = logits if logits.is_contiguous() else logits.contiguous()
+    if inplace and z is not logits:
+        raise ValueError("inplace: logits must be contiguous to be overwritten")
+    return FusedSHL.apply(fused_kernel(name), z, pos, ign, order, offsets, cast(w), cast(eta),
+                          cast(delta), reduction, inplace)
 
 
 class SegmentedHarmonicLoss(torch.nn.Module):
+    """nn.Module form: harmonic label weights (beta) and learnable null logits per segment."""
+
     def __init__(self, seg: Segmentation, *, beta: float, learn_null: bool = True,
                  backend: str = "auto", reduction: str = "mean") -> None:
         super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
         self.seg, self.backend, self.reduction = seg, backend, reduction
         self.register_buffer("label_weights", harmonic_weights(seg.label_counts, beta=beta))
         eta = torch.zeros(seg.num_segments)
@@ -68,7 +157,8 @@ class SegmentedHarmonicLoss(torch.nn.Module):
         else:
             self.register_buffer("null_logits", eta)
 
-    def forward(self, logits, targets, ignore=None, logit_offsets=None):
+    def forward(self, logits: torch.Tensor, targets, ignore=None,
+                logit_offsets: torch.Tensor | None = None) -> torch.Tensor:
         return segmented_harmonic_loss(
             logits, targets, self.seg, label_weights=self.label_weights,
             null_logits=self.null_logits, logit_offsets=logit_offsets, ignore=ignore,

@@ -54,3 +54,90 @@ def test_module_learns_null():
     assert crit.null_logits.grad is not None and z.grad is not None
     w = shl.harmonic_weights(torch.tensor([5, 1, 3, 0]), beta=1.0)
     assert w[1] > w[2] > w[0]
+
+
+@pytest.mark.parametrize("usable, device, expect", [
+    ({"triton", "cuda", "cpu"}, "cuda", "triton"),
+    ({"cuda", "cpu"}, "cuda", "cuda"),
+    ({"cpu"}, "cuda", "torch"),
+    ({"cpu", "triton"}, "cpu", "cpu"),
+    (set(), "cpu", "torch"),
+])
+def test_auto_follows_spec(monkeypatch, usable, device, expect):
+    from shl_kernels import backends
+
+    monkeypatch.setattr(backends, "why_unavailable",
+                        lambda b: None if b == "torch" or b in usable else "not here")
+    assert backends.resolve("auto", torch.device(device)) == expect
+
+
+def test_unavailable_backend_says_why_and_how(monkeypatch):
+    from shl_kernels import backends
+
+    backends.why_unavailable.cache_clear()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    try:
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="backend: 'triton' is not available: no CUDA"):
+                backends.resolve("triton", torch.device("cpu"))
+        with pytest.raises(ValueError, match="unknown backend"):
+            shl.segmented_harmonic_loss(torch.randn(2, 4), torch.zeros(2, 4), _seg(),
+                                        backend="tpu")
+    finally:
+        backends.why_unavailable.cache_clear()
+
+
+def _call(**kw):
+    args = {"logits": torch.randn(2, 4), "targets": torch.zeros(2, 4), "seg": _seg()}
+    args.update(kw)
+    return shl.segmented_harmonic_loss(args.pop("logits"), args.pop("targets"),
+                                       args.pop("seg"), **args)
+
+
+meta = torch.device("meta")
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"logits": torch.randint(0, 3, (2, 4))}, TypeError, "logits: unsupported dtype"),
+    ({"targets": torch.full((2, 4), 0.5)}, ValueError, "targets: dense targets must hold only 0"),
+    ({"targets": torch.zeros(2, 4, device=meta)}, ValueError, "targets: on meta"),
+    ({"ignore": torch.zeros(2, 3)}, ValueError, "ignore: expected shape"),
+    ({"targets": (torch.tensor([0, 1, 1], dtype=torch.int16), torch.tensor([1]))}, TypeError,
+     "targets: CSR indptr must be"),
+    ({"targets": (torch.tensor([0, 2, 1]), torch.tensor([1]))}, ValueError,
+     "targets: CSR indptr must start at 0"),
+    ({"targets": (torch.tensor([0, 1, 1]), torch.tensor([-1]))}, ValueError,
+     r"targets: label ids must be in \[0, 4\)"),
+    ({"targets": "abc"}, TypeError, "targets: expected"),
+    ({"null_logits": torch.zeros(2)}, ValueError, r"null_logits: expected shape \(3,\)"),
+    ({"null_logits": torch.zeros(3, dtype=torch.int64)}, TypeError, "null_logits: expected a floating"),
+    ({"logit_offsets": torch.zeros(4, device=meta)}, ValueError, "logit_offsets: on meta"),
+    ({"label_weights": torch.tensor([1.0, float("inf"), 1.0, 1.0])}, ValueError,
+     "label_weights: must be finite"),
+    ({"label_weights": torch.tensor([1.0, 0.0, 1.0, 1.0])}, ValueError, "label_weights"),
+    ({"reduction": "avg"}, ValueError, "reduction"),
+    ({"seg": [[0, 1], [2, 3]]}, TypeError, "seg: expected a shl_kernels.Segmentation"),
+    ({"inplace": True, "backend": "torch"}, ValueError, "inplace: needs a fused backend"),
+])
+def test_every_spec_error_names_the_argument(kw, err, match):
+    with pytest.raises(err, match=match):
+        _call(**kw)
+
+
+def test_inputs_are_not_modified():
+    z = torch.randn(3, 4, requires_grad=True)
+    t = torch.eye(4)[:3]
+    eta = torch.zeros(3, requires_grad=True)
+    before = (z.detach().clone(), t.clone(), eta.detach().clone())
+    for b in shl.available_backends():
+        _call(logits=z, targets=t, null_logits=eta, backend=b).backward()
+    assert torch.equal(z.detach(), before[0]) and torch.equal(t, before[1])
+    assert torch.equal(eta.detach(), before[2])
+
+
+def test_info_reports_backends():
+    from shl_kernels.info import build_report
+
+    rep = build_report()
+    assert rep["backend torch"] == "usable"
+    assert set(rep) >= {"shl_kernels", "OpenMP", "CUDA kernels", "torch", "triton", "numba"}

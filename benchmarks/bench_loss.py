@@ -1,0 +1,198 @@
+"""Forward+backward time of every loss backend against eager PyTorch and torch.compile.
+
+Same inputs for every backend, median of repeats after warm-up; prints a table of ratios
+and appends rows to benchmarks/results/<device>.csv.
+Usage: python benchmarks/bench_loss.py [--device cpu|cuda] [--quick-gpu] [--losses shl,bce]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import shl_kernels as shl
+from shl_kernels.backends import available_backends
+from shl_kernels.reference import shl_loss_reference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = ["benchmark", "backend", "baseline", "device", "dtype", "B", "C", "m", "ms",
+           "baseline_ms", "speedup", "commit", "date"]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = platform.processor() or "cpu"
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists():
+            for line in cpuinfo.read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        name = f"{name} x{torch.get_num_threads()}"
+    return name
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def unequal_segmentation(C: int, m: int, gen: torch.Generator) -> shl.Segmentation:
+    """m segments of very unequal sizes (Dirichlet split), labels shuffled like a real head."""
+    share = torch.distributions.Dirichlet(torch.full((m,), 0.5)).sample()
+    sizes = (share * (C - m)).floor().long() + 1
+    sizes[0] += C - int(sizes.sum())
+    perm = torch.randperm(C, generator=gen).tolist()
+    segs, start = [], 0
+    for s in sizes.tolist():
+        segs.append(perm[start:start + s])
+        start += s
+    return shl.Segmentation.from_segments(segs, C)
+
+
+def make_inputs(B: int, C: int, m: int, dtype: torch.dtype, device: str, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    seg = unequal_segmentation(C, m, gen)
+    z = (torch.randn(B, C, generator=gen) * 3).to(device=device, dtype=dtype)
+    # ~15 positives per row at most one per segment, like a coding model's targets
+    pos = torch.zeros(B, C, dtype=torch.bool)
+    seg_of = seg.segment_of
+    for i in range(B):
+        cand = torch.randperm(C, generator=gen)[:60]
+        chosen, used = [], set()
+        for c in cand.tolist():
+            k = int(seg_of[c])
+            if k not in used:
+                used.add(k)
+                chosen.append(c)
+            if len(chosen) == 15:
+                break
+        pos[i, chosen] = True
+    w = shl.harmonic_weights(torch.randint(1, 5000, (C,), generator=gen), beta=0.5).to(device)
+    eta = torch.zeros(seg.num_segments, device=device, requires_grad=True)
+    return seg, z, pos.to(device), w, eta
+
+
+def time_fb(fn: Callable[[], torch.Tensor], z: torch.Tensor, repeats: int, warmup: int) -> float:
+    """Median ms of forward+backward."""
+    cuda = z.is_cuda
+    times = []
+    for i in range(warmup + repeats):
+        z.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def shl_runners(seg, z, pos, w, eta, backends: list[str]) -> dict[str, Callable]:
+    runners = {
+        b: (lambda b=b: shl.segmented_harmonic_loss(z, pos, seg, label_weights=w,
+                                                     null_logits=eta, backend=b))
+        for b in backends if b != "torch"
+    }
+    runners["eager"] = lambda: shl_loss_reference(z, pos, seg, w, eta)
+    compiled = torch.compile(lambda z, pos, w, eta: shl_loss_reference(z, pos, seg, w, eta))
+    runners["torch.compile"] = lambda: compiled(z, pos, w, eta)
+    return runners
+
+
+def run(args) -> list[dict]:
+    device = args.device
+    dev_name = device_name(device)
+    shapes = ([(4096, 32768, 100, torch.bfloat16), (16, 8192, 64, torch.float32)]
+              if args.quick_gpu else
+              [(512, 8192, 64, torch.float32), (16, 8192, 64, torch.float32)])
+    if args.shape:
+        B, C, m = map(int, args.shape.split(","))
+        shapes = [(B, C, m, getattr(torch, args.dtype))]
+    backends = [b for b in available_backends() if b != "torch" and
+                (b == "cpu") == (device == "cpu")]
+    rows, stamp, sha = [], datetime.date.today().isoformat(), commit()
+    print(f"device: {dev_name}; backends: {backends}; torch {torch.__version__}")
+    for B, C, m, dtype in shapes:
+        seg, z0, pos, w, eta = make_inputs(B, C, m, dtype, device)
+        z = z0.clone().requires_grad_(True)
+        runners = shl_runners(seg, z, pos, w, eta, backends)
+        ms = {}
+        for name, fn in runners.items():
+            warm = args.warmup + (2 if name == "torch.compile" else 0)
+            try:
+                ms[name] = time_fb(fn, z, args.repeats, warm)
+            except Exception as e:  # noqa: BLE001 - a failing backend is reported, not fatal
+                print(f"  {name}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        for b in backends:
+            if b not in ms:
+                continue
+            for base in ("eager", "torch.compile"):
+                if base not in ms:
+                    continue
+                rows.append({"benchmark": "shl_fwd_bwd", "backend": b, "baseline": base,
+                             "device": dev_name, "dtype": str(dtype).replace("torch.", ""),
+                             "B": B, "C": C, "m": seg.num_segments, "ms": round(ms[b], 4),
+                             "baseline_ms": round(ms[base], 4),
+                             "speedup": round(ms[base] / ms[b], 2), "commit": sha,
+                             "date": stamp})
+        print(f"\nB={B} C={C} m={seg.num_segments} {dtype}: " +
+              ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+    print(f"\n{'backend':<8} {'baseline':<14} {'shape':<18} {'dtype':<9} {'ms':>9} "
+          f"{'base ms':>9} {'speedup':>8}")
+    for r in rows:
+        shape = f"{r['B']}x{r['C']}/{r['m']}"
+        print(f"{r['backend']:<8} {r['baseline']:<14} {shape:<18} {r['dtype']:<9} "
+              f"{r['ms']:>9.3f} {r['baseline_ms']:>9.3f} {r['speedup']:>7.2f}x")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick-gpu", action="store_true", help="the H100 shapes of issue 4")
+    p.add_argument("--shape", help="B,C,m (overrides the presets)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS))
+    args = p.parse_args()
+    rows = run(args)
+    if rows:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{slug(rows[0]['device'])}.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                wr.writeheader()
+            wr.writerows(rows)
+        print(f"\nappended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
