@@ -45,8 +45,9 @@ inline float f16_to_f32(uint16_t h) {
   return f;
 #endif
 }
+#ifndef __CUDACC__  // CUDA code converts with cuda_fp16.h; nvcc has no _Float16 here
 inline uint16_t f32_to_f16(float f) {
-#if defined(__FLT16_MAX__) && !defined(__CUDACC__)
+#if defined(__FLT16_MAX__)
   _Float16 x = static_cast<_Float16>(f);
   uint16_t h;
   std::memcpy(&h, &x, 2);
@@ -55,4 +56,5 @@ inline uint16_t f32_to_f16(float f) {
 #error "fp16 store needs a compiler with _Float16 (gcc >= 12 / clang >= 15 on x86-64 or aarch64)"
 #endif
 }
+#endif
 }  // namespace shl

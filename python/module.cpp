@@ -11,6 +11,7 @@ namespace py = pybind11;
 
 namespace shl {
 void register_cpu(py::module_& m);  // python/bind_cpu.cpp
+void register_elementwise(py::module_& m);  // python/bind_elementwise.cpp
 #ifdef SHL_WITH_CUDA
 void register_cuda(py::module_& m);  // python/bind_cuda.cpp
 #endif
@@ -37,6 +38,7 @@ PYBIND11_MODULE(_C, m) {
   info["compiler"] = std::string(__VERSION__);
   m.attr("build_info") = info;
   shl::register_cpu(m);
+  shl::register_elementwise(m);
 #ifdef SHL_WITH_CUDA
   shl::register_cuda(m);
 #endif

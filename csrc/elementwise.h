@@ -1,0 +1,144 @@
+// Fused elementwise multi-label losses (BCE, sigmoid focal, asymmetric): loss and dl/dz of
+// one (row, label) pair, shared by the CPU (elementwise_cpu.cpp) and CUDA
+// (elementwise_cuda.cu) kernels, plus the arguments of one fused pass.
+// No dtype.h here: its fp16 store does not compile under nvcc.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define SHL_HD __host__ __device__ __forceinline__
+#else
+#define SHL_HD inline
+#endif
+
+namespace shl {
+
+enum class ElemKind : int { kBCE = 0, kFocal = 1, kASL = 2 };
+// Logits dtype; the accumulation dtype is float64 for kF64, else float32.
+enum class ZType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+struct ElemParams {
+  double alpha = -1.0;  // focal: weight of positives (negatives: 1 - alpha); < 0 = none
+  double gamma = 0.0;   // focal exponent
+  double gamma_pos = 0.0, gamma_neg = 0.0;  // ASL exponents
+  double clip = 0.0;    // ASL probability margin of negatives (0 = off)
+  double eps = 1e-8;    // ASL clamp inside the logs
+  bool detach = false;  // ASL: focal weight treated as a constant in the gradient
+};
+
+struct ElemArgs {
+  const void* z = nullptr;  // [B, C] logits, dtype z_type
+  ZType z_type = ZType::kF32;
+  int64_t B = 0, C = 0;
+  const uint8_t* pos = nullptr;         // [B, C] nonzero = positive
+  const uint8_t* ign = nullptr;         // [B, C] nonzero = ignored (loss and grad 0); null = none
+  const void* weight = nullptr;         // [C] acc, multiplies every term of label c; null = 1
+  const void* pos_weight = nullptr;     // [C] acc, multiplies the positive term; null = 1
+  ElemKind kind = ElemKind::kBCE;
+  ElemParams p;
+  double grad_scale = 1.0;              // multiplies grad (1/(B*C) for "mean")
+  void* loss_rows = nullptr;            // out [B] acc: per-row sum of the losses; null = skip
+  void* loss_el = nullptr;              // out [B, C] z dtype: the losses; null = skip
+  void* grad = nullptr;                 // out [B, C] z dtype: grad_scale * dl/dz; null = skip
+  int num_threads = 0;                  // CPU: OpenMP threads (0 = runtime default)
+};
+
+// Return nullptr on success, else a static error message.
+const char* elementwise_fused_cpu(const ElemArgs& a);
+#ifdef SHL_WITH_CUDA
+const char* elementwise_fused_cuda(const ElemArgs& a, void* stream);
+#endif
+
+// C math overloads that exist on host and device alike.
+SHL_HD float m_exp(float x) { return expf(x); }
+SHL_HD double m_exp(double x) { return exp(x); }
+SHL_HD float m_log(float x) { return logf(x); }
+SHL_HD double m_log(double x) { return log(x); }
+SHL_HD float m_log1p(float x) { return log1pf(x); }
+SHL_HD double m_log1p(double x) { return log1p(x); }
+SHL_HD float m_abs(float x) { return fabsf(x); }
+SHL_HD double m_abs(double x) { return fabs(x); }
+SHL_HD float m_pow(float x, float y) { return powf(x, y); }
+SHL_HD double m_pow(double x, double y) { return pow(x, y); }
+template <class T>
+SHL_HD T m_max0(T x) { return x > T(0) ? x : T(0); }  // NaN -> 0: callers add a NaN-carrying term
+
+// Loss parameters converted once to the accumulation type.
+template <class T>
+struct ElemCoef {
+  T alpha_pos, alpha_neg, gamma, gamma_pos, gamma_neg, clip, eps, log_eps;
+  T focal_grad;  // 0 when the ASL focal weight is detached, else 1 (a T, not a bool: GCC
+                 // does not vectorise a select on a loop-invariant bool)
+  explicit ElemCoef(const ElemParams& p)
+      : alpha_pos(p.alpha < 0 ? T(1) : T(p.alpha)), alpha_neg(p.alpha < 0 ? T(1) : T(1 - p.alpha)),
+        gamma(T(p.gamma)), gamma_pos(T(p.gamma_pos)), gamma_neg(T(p.gamma_neg)), clip(T(p.clip)),
+        eps(T(p.eps)), log_eps(T(log(p.eps))), focal_grad(p.detach ? T(0) : T(1)) {}
+};
+
+// Loss and dl/dz of one pair with logit z, target y and the pair's weight a (label weight,
+// times pos_weight or the focal alpha of its side). Built from one exp and one log1p of -|z|
+// so that nothing cancels for large |z|; NaN in z gives NaN loss and grad. Branch-free: every
+// math call runs unconditionally and results are selected, so that the CPU loop vectorises
+// (with SIMD libm variants) and CUDA threads do not diverge.
+template <ElemKind Kind, class T>
+SHL_HD void elem_loss_grad(T z, bool y, T a, const ElemCoef<T>& c, T& loss, T& grad) {
+  if (Kind == ElemKind::kBCE || Kind == ElemKind::kFocal) {
+    // Both are functions of s = the logit pointing away from the target.
+    const T s = y ? -z : z;
+    const T e = m_exp(-m_abs(s));
+    const T l1 = m_log1p(e);
+    const T r = T(1) / (T(1) + e);
+    const T sig_s = s >= T(0) ? r : e * r;   // sigmoid(s) = 1 - p_t
+    const T sig_ms = s >= T(0) ? e * r : r;  // sigmoid(-s) = p_t
+    const T sp = m_max0(s) + l1;             // softplus(s) = BCE of the pair
+    T gs;
+    if (Kind == ElemKind::kBCE) {
+      loss = a * sp;
+      gs = a * sig_s;
+    } else {
+      // (1 - p_t)^gamma = exp(-gamma * softplus(-s)); gamma = 0 gives exactly 1.
+      const T pw = m_exp(-c.gamma * (m_max0(-s) + l1));
+      const T w = c.gamma == T(0) ? T(1) : pw;
+      loss = a * w * sp;
+      gs = a * w * (c.gamma * sig_ms * sp + sig_s);
+    }
+    grad = y ? -gs : gs;
+  } else {
+    const T e = m_exp(-m_abs(z));
+    const T l1 = m_log1p(e);
+    const T r = T(1) / (T(1) + e);
+    const T p = z >= T(0) ? r : e * r;  // sigmoid(z)
+    const T q = z >= T(0) ? e * r : r;  // 1 - sigmoid(z), without cancellation
+    const T log_p = -(m_max0(-z) + l1);
+    const T log_q = -(m_max0(z) + l1);
+    // Positive: -log(max(p, eps)) * (1 - p)^gamma_pos. torch.clamp(min=eps) passes the
+    // gradient at equality; written as !(p < eps) so that NaN stays NaN.
+    const bool in_p = !(p < c.eps);
+    const T L_p = in_p ? log_p : c.log_eps;
+    const T pw_p = m_exp(c.gamma_pos * log_q);  // q^gamma_pos
+    const T w_p = c.gamma_pos == T(0) ? T(1) : pw_p;
+    const T dL_p = in_p ? q : T(0);
+    const T g_p = w_p * (c.focal_grad * c.gamma_pos * p * L_p - dL_p);
+    // Negative, with probability shifting: x = min(1 - p + clip, 1) (clip = 0: x = 1 - p),
+    // loss -log(max(x, eps)) * (1 - x)^gamma_neg with 1 - x = max(p - clip, 0). Only
+    // clip > 0 can clamp (1 - p <= 1), so no select on clip itself is needed.
+    const T xs = q + c.clip;
+    const bool clamped = xs > T(1);
+    const T x = clamped ? T(1) : xs;
+    const T pm = clamped ? T(0) : m_max0(p - c.clip);
+    const bool in_n = !(x < c.eps);
+    const T L_n = in_n ? m_log(x) : c.log_eps;
+    const T w_n = m_pow(pm, c.gamma_neg);  // pow(0, 0) = 1, as torch.pow
+    const T pw_n1 = m_pow(pm, c.gamma_neg - T(1));
+    const T dpm = clamped ? T(0) : p * q;  // d(1 - x)/dz
+    const T dL_n = in_n ? -dpm / x : T(0);
+    const T dw_on = pm > T(0) ? c.focal_grad * c.gamma_neg * pw_n1 * dpm : T(0);
+    const T dw = c.gamma_neg == T(0) ? T(0) : dw_on;  // pm^(gamma-1) may be inf at gamma 0
+    const T g_n = -(dL_n * w_n + L_n * dw);
+    loss = -a * (y ? L_p * w_p : L_n * w_n);
+    grad = a * (y ? g_p : g_n);
+  }
+}
+
+}  // namespace shl

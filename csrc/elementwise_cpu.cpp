@@ -1,0 +1,163 @@
+// CPU fused elementwise losses (see elementwise.h): OpenMP over rows; each row goes in chunks
+// through one branch-free loop over arrays (load, formula, select for ignore) that GCC
+// vectorises, libm calls included where glibc has SIMD variants (libmvec).
+// No FP-exception traps, so that GCC may if-convert (select) floating-point code under a
+// condition; results, NaN and inf included, are unchanged. For the whole file, so that every
+// inlined function agrees.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
+
+// glibc's libmvec has SIMD variants of these; declaring them lets GCC vectorise the loop.
+// (glibc declares them itself only under -ffast-math, which would break NaN handling.)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    __GLIBC_PREREQ(2, 35)
+#define SHL_SIMD_MATH __attribute__((__simd__("notinbranch")))
+extern "C" {
+float expf(float) SHL_SIMD_MATH;
+float logf(float) SHL_SIMD_MATH;
+float log1pf(float) SHL_SIMD_MATH;
+float powf(float, float) SHL_SIMD_MATH;
+double exp(double) SHL_SIMD_MATH;
+double log(double) SHL_SIMD_MATH;
+double log1p(double) SHL_SIMD_MATH;
+double pow(double, double) SHL_SIMD_MATH;
+}
+#endif
+
+#include "dtype.h"
+#include "elementwise.h"
+
+#ifdef SHL_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace shl {
+namespace {
+
+template <ZType ZT>
+struct ZTraits;
+template <>
+struct ZTraits<ZType::kF32> {
+  using S = float;
+  using A = float;
+  static A load(S v) { return v; }
+  static S store(A v) { return v; }
+};
+template <>
+struct ZTraits<ZType::kF64> {
+  using S = double;
+  using A = double;
+  static A load(S v) { return v; }
+  static S store(A v) { return v; }
+};
+template <>
+struct ZTraits<ZType::kF16> {
+  using S = uint16_t;
+  using A = float;
+  static A load(S v) { return f16_to_f32(v); }
+  static S store(A v) { return f32_to_f16(v); }
+};
+template <>
+struct ZTraits<ZType::kBF16> {
+  using S = uint16_t;
+  using A = float;
+  static A load(S v) { return bf16_to_f32(v); }
+  static S store(A v) { return f32_to_bf16(v); }
+};
+
+constexpr int64_t kChunk = 256;
+constexpr int64_t kSerialBelow = 1 << 15;  // elements; smaller problems skip the thread start
+
+template <ZType ZT, ElemKind K>
+void run(const ElemArgs& a) {
+  using Tr = ZTraits<ZT>;
+  using S = typename Tr::S;
+  using A = typename Tr::A;
+  const ElemCoef<A> c(a.p);
+  const int64_t B = a.B, C = a.C;
+  // Per-label weights of the positive / negative term, and an all-zero ignore row when
+  // there is no ignore mask: the hot loop then loads unconditionally (no masked loads).
+  std::vector<A> a_pos(C), a_neg(C);
+  const A* wt = static_cast<const A*>(a.weight);
+  const A* pw = static_cast<const A*>(a.pos_weight);
+  for (int64_t j = 0; j < C; ++j) {
+    const A w = wt ? wt[j] : A(1);
+    a_pos[j] = (pw ? w * pw[j] : w) * c.alpha_pos;
+    a_neg[j] = w * c.alpha_neg;
+  }
+  const std::vector<uint8_t> no_ign(a.ign ? 0 : C, 0);
+  const S* z = static_cast<const S*>(a.z);
+  A* rows = static_cast<A*>(a.loss_rows);
+  S* lel = static_cast<S*>(a.loss_el);
+  S* g = static_cast<S*>(a.grad);
+  const A gscale = A(a.grad_scale);
+  const A* ap = a_pos.data();
+  const A* an = a_neg.data();
+#ifdef SHL_WITH_OPENMP
+  const int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(static) num_threads(nt) if (B * C >= kSerialBelow)
+#endif
+  for (int64_t i = 0; i < B; ++i) {
+    const S* zr = z + i * C;
+    const uint8_t* yr = a.pos + i * C;
+    const uint8_t* ir = a.ign ? a.ign + i * C : no_ign.data();
+    A lb[kChunk], gb[kChunk];
+    A sum = A(0);
+    for (int64_t j0 = 0; j0 < C; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - j0);
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t j = j0 + k;
+        const bool y = yr[j] != 0;
+        const A apj = ap[j], anj = an[j];
+        A l, gr;
+        elem_loss_grad<K>(Tr::load(zr[j]), y, y ? apj : anj, c, l, gr);
+        const bool skip = ir[j] != 0;
+        lb[k] = skip ? A(0) : l;
+        gb[k] = skip ? A(0) : gr * gscale;
+      }
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < n; ++k) sum += lb[k];
+      if (lel)
+        for (int64_t k = 0; k < n; ++k) lel[i * C + j0 + k] = Tr::store(lb[k]);
+      if (g)
+        for (int64_t k = 0; k < n; ++k) g[i * C + j0 + k] = Tr::store(gb[k]);
+    }
+    if (rows) rows[i] = sum;
+  }
+}
+
+template <ZType ZT>
+void run_kind(const ElemArgs& a) {
+  switch (a.kind) {
+    case ElemKind::kBCE: return run<ZT, ElemKind::kBCE>(a);
+    case ElemKind::kFocal: return run<ZT, ElemKind::kFocal>(a);
+    case ElemKind::kASL: return run<ZT, ElemKind::kASL>(a);
+  }
+}
+
+}  // namespace
+
+const char* elementwise_fused_cpu(const ElemArgs& a) {
+  if (a.B < 0 || a.C < 0) return "elementwise_fused_cpu: negative B or C";
+  if (a.kind != ElemKind::kBCE && a.kind != ElemKind::kFocal && a.kind != ElemKind::kASL)
+    return "elementwise_fused_cpu: unknown loss kind";
+  if (!a.loss_rows && !a.loss_el) return "elementwise_fused_cpu: no loss output";
+  if (a.B * a.C > 0 && (!a.z || !a.pos)) return "elementwise_fused_cpu: z and pos are required";
+  switch (a.z_type) {
+    case ZType::kF32: run_kind<ZType::kF32>(a); break;
+    case ZType::kF64: run_kind<ZType::kF64>(a); break;
+    case ZType::kF16: run_kind<ZType::kF16>(a); break;
+    case ZType::kBF16: run_kind<ZType::kBF16>(a); break;
+    default: return "elementwise_fused_cpu: unsupported logits dtype";
+  }
+  return nullptr;
+}
+
+}  // namespace shl

@@ -1,0 +1,148 @@
+// CUDA fused elementwise losses (see elementwise.h). A warp per row when rows are short, a
+// block per row when they are long; both grid-stride over rows and reduce each row in a fixed
+// order, so the row losses are deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "elementwise.h"
+
+namespace shl {
+namespace {
+
+template <ZType ZT>
+struct ZTraits;
+template <>
+struct ZTraits<ZType::kF32> {
+  using S = float;
+  using A = float;
+  static __device__ A load(S v) { return v; }
+  static __device__ S store(A v) { return v; }
+};
+template <>
+struct ZTraits<ZType::kF64> {
+  using S = double;
+  using A = double;
+  static __device__ A load(S v) { return v; }
+  static __device__ S store(A v) { return v; }
+};
+template <>
+struct ZTraits<ZType::kF16> {
+  using S = __half;
+  using A = float;
+  static __device__ A load(S v) { return __half2float(v); }
+  static __device__ S store(A v) { return __float2half_rn(v); }
+};
+template <>
+struct ZTraits<ZType::kBF16> {
+  using S = __nv_bfloat16;
+  using A = float;
+  static __device__ A load(S v) { return __bfloat162float(v); }
+  static __device__ S store(A v) { return __float2bfloat16_rn(v); }
+};
+
+constexpr int kBlock = 256;
+
+template <class A>
+__device__ A warp_sum(A v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// R threads per row: 32 (a warp) or kBlock (the whole block).
+template <ZType ZT, ElemKind K, int R>
+__global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a,
+                                                             ElemCoef<typename ZTraits<ZT>::A> c) {
+  using Tr = ZTraits<ZT>;
+  using S = typename Tr::S;
+  using A = typename Tr::A;
+  constexpr int kRowsPerBlock = kBlock / R;
+  __shared__ A partial[kBlock / 32];
+  const S* z = static_cast<const S*>(a.z);
+  const A* wt = static_cast<const A*>(a.weight);
+  const A* pw = static_cast<const A*>(a.pos_weight);
+  A* rows = static_cast<A*>(a.loss_rows);
+  S* lel = static_cast<S*>(a.loss_el);
+  S* g = static_cast<S*>(a.grad);
+  const A gscale = A(a.grad_scale);
+  const int lane = threadIdx.x % R;
+  // With R == kBlock every thread sees the same i, so the loop exit and the
+  // __syncthreads below are block-uniform.
+  for (int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / R; i < a.B;
+       i += int64_t(gridDim.x) * kRowsPerBlock) {
+    A sum = A(0);
+    for (int64_t j = lane; j < a.C; j += R) {
+      const int64_t o = i * a.C + j;
+      const bool y = a.pos[o] != 0;
+      const A w = wt ? wt[j] : A(1);
+      const A ap = (pw ? w * pw[j] : w) * c.alpha_pos;
+      A l, gr;
+      elem_loss_grad<K>(Tr::load(z[o]), y, y ? ap : w * c.alpha_neg, c, l, gr);
+      const bool skip = a.ign && a.ign[o];
+      l = skip ? A(0) : l;
+      if (lel) lel[o] = Tr::store(l);
+      if (g) g[o] = Tr::store(skip ? A(0) : gr * gscale);
+      sum += l;
+    }
+    sum = warp_sum(sum);
+    if (R > 32) {
+      if (lane % 32 == 0) partial[lane / 32] = sum;
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        A v = threadIdx.x < kBlock / 32 ? partial[threadIdx.x] : A(0);
+        v = warp_sum(v);
+        if (threadIdx.x == 0 && rows) rows[i] = v;
+      }
+      __syncthreads();
+    } else if (lane == 0 && rows) {
+      rows[i] = sum;
+    }
+  }
+}
+
+template <ZType ZT, ElemKind K>
+cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
+  int dev = 0, sms = 80;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const ElemCoef<typename ZTraits<ZT>::A> c(a.p);
+  const bool long_rows = a.C >= 1024;
+  const int64_t rows_per_block = long_rows ? 1 : kBlock / 32;
+  const int64_t want = (a.B + rows_per_block - 1) / rows_per_block;
+  const int grid = int(want < int64_t(sms) * 16 ? want : int64_t(sms) * 16);
+  if (long_rows)
+    elementwise_kernel<ZT, K, kBlock><<<grid, kBlock, 0, stream>>>(a, c);
+  else
+    elementwise_kernel<ZT, K, 32><<<grid, kBlock, 0, stream>>>(a, c);
+  return cudaGetLastError();
+}
+
+template <ZType ZT>
+cudaError_t launch_kind(const ElemArgs& a, cudaStream_t stream) {
+  switch (a.kind) {
+    case ElemKind::kBCE: return launch<ZT, ElemKind::kBCE>(a, stream);
+    case ElemKind::kFocal: return launch<ZT, ElemKind::kFocal>(a, stream);
+    case ElemKind::kASL: return launch<ZT, ElemKind::kASL>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+const char* elementwise_fused_cuda(const ElemArgs& a, void* stream) {
+  if (a.B < 0 || a.C < 0) return "elementwise_fused_cuda: negative B or C";
+  if (!a.loss_rows && !a.loss_el) return "elementwise_fused_cuda: no loss output";
+  if (a.B == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t err;
+  switch (a.z_type) {
+    case ZType::kF32: err = launch_kind<ZType::kF32>(a, s); break;
+    case ZType::kF64: err = launch_kind<ZType::kF64>(a, s); break;
+    case ZType::kF16: err = launch_kind<ZType::kF16>(a, s); break;
+    case ZType::kBF16: err = launch_kind<ZType::kBF16>(a, s); break;
+    default: return "elementwise_fused_cuda: unsupported logits dtype";
+  }
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace shl

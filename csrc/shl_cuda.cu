@@ -1,0 +1,276 @@
+// CUDA backend of the fused SHL kernel: loss rows and gradients of SPEC section 3 in one
+// launch; the contract (scaling, label order, nullable inputs) is in shl_args.h.
+//
+// Design: one block per row (grid-stride over rows). The block's warps take the row's
+// segments in slices of 32: a segment of at most kSmall labels is handled by one lane
+// alone, a larger one by the whole warp (lane-strided loops, shuffle reductions), so
+// singleton segments do not waste a warp and 10k-label segments still get 32 lanes.
+// Each segment takes three passes over its labels:
+//   1. max M of eta and the non-ignored u's, online sum of exp(u - M) over the
+//      negatives, whether any positive is present;
+//   2. with positives: D_p, the loss terms and S = sum_p w_p / D_p
+//      (without: the null event, D = A, S = 1 / D);
+//   3. the gradient of every label (0 when ignored) and of eta.
+// A given element is only ever touched by one lane (same lane in every pass), and it is
+// read before it is written, so grad may alias z. The row loss is summed per thread in
+// a fixed order and then across the block in a fixed order: no atomics, deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "shl_args.h"
+
+namespace shl {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kSmall = 16;  // segments up to this size: one lane; larger: one warp
+constexpr unsigned kFull = 0xffffffffu;
+
+// z and grad may alias (in-place): no __restrict__ on them, so no read-only-cache loads.
+template <class T, class A>
+struct Params {
+  const T* z;
+  T* grad;
+  const uint8_t* __restrict__ pos;
+  const uint8_t* __restrict__ ign;
+  const int64_t* __restrict__ order;
+  const int64_t* __restrict__ offsets;
+  const A* __restrict__ w;
+  const A* __restrict__ eta;
+  const A* __restrict__ delta;
+  A* loss;
+  A* grad_eta;
+  int64_t C, B, m;
+  A scale;
+};
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(double* p, double x) { *p = x; }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+// Inputs are max-shifted (arguments <= 0 except NaN/inf cases), where the fast
+// single-precision intrinsics are accurate; fp64 keeps the full-precision functions.
+__device__ __forceinline__ float exp_(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return __logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+
+// Max that returns NaN when either side is NaN (fmax would drop it), like torch's amax.
+template <class A>
+__device__ __forceinline__ A nan_max(A a, A b) { return (a != a || a > b) ? a : b; }
+
+// Merges (M2, s2) into (M, s), each s a sum of exp(x - M). Skipping the rescale of the
+// side holding the max keeps a +inf max from turning 0 * exp(inf - inf) into NaN where
+// the reference has an exact 0; NaN maxima still poison s.
+template <class A>
+__device__ __forceinline__ void merge(A& M, A& s, A M2, A s2) {
+  const A Mn = nan_max(M, M2);
+  s = (M == Mn ? s : s * exp_(M - Mn)) + (M2 == Mn ? s2 : s2 * exp_(M2 - Mn));
+  M = Mn;
+}
+
+template <int G, class V>
+__device__ __forceinline__ V group_sum(V v) {
+  for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+template <class T, class A>
+__device__ __forceinline__ A load_u(const Params<T, A>& P, int64_t i, int64_t id) {
+  const A z = to_acc(P.z[i]);
+  return P.delta ? z + P.delta[id] : z;
+}
+
+// Segment k of `row`, handled by G lanes (G = 1 or a full warp, lane in [0, G)).
+// Writes the segment's gradients and grad_eta; returns its loss (valid in lane 0).
+template <int G, class T, class A>
+__device__ A segment(const Params<T, A>& P, int64_t row, int64_t k, int lane) {
+  const int64_t s0 = P.offsets[k], s1 = P.offsets[k + 1];
+  const int64_t base = row * P.C;
+  const A eta = P.eta ? P.eta[k] : A(0);
+
+  // Pass 1: max over eta and non-ignored u's; s = sum over negatives of exp(u - M).
+  A M = eta, s = 0;
+  int any_pos = 0;
+  for (int64_t p = s0 + lane; p < s1; p += G) {
+    const int64_t id = P.order ? P.order[p] : p;
+    const int64_t i = base + id;
+    if (P.ign && P.ign[i]) continue;
+    const A u = load_u(P, i, id);
+    const A Mn = nan_max(M, u);
+    if (!(Mn == M)) {
+      s *= exp_(M - Mn);
+      M = Mn;
+    }
+    if (P.pos[i]) {
+      any_pos = 1;
+    } else {
+      s += exp_(u - M);  // u = M = +inf gives NaN, as in the reference
+    }
+  }
+  for (int o = G / 2; o > 0; o >>= 1) {
+    const A M2 = __shfl_xor_sync(kFull, M, o), s2 = __shfl_xor_sync(kFull, s, o);
+    any_pos |= __shfl_xor_sync(kFull, any_pos, o);
+    merge(M, s, M2, s2);
+  }
+  const A e_eta = exp_(eta - M);
+  const A Aden = e_eta + s;  // A of SPEC 3 (= D of the null event when no positive)
+
+  // Pass 2: loss and S = sum_p w_p / D_p.
+  A loss, S;
+  if (any_pos) {
+    loss = 0;
+    S = 0;
+    for (int64_t p = s0 + lane; p < s1; p += G) {
+      const int64_t id = P.order ? P.order[p] : p;
+      const int64_t i = base + id;
+      if ((P.ign && P.ign[i]) || !P.pos[i]) continue;
+      const A u = load_u(P, i, id);
+      const A wp = P.w ? P.w[id] : A(1);
+      const A D = Aden + exp_(u - M);
+      loss += wp * (log_(D) + M - u);
+      S += wp / D;
+    }
+    loss = group_sum<G>(loss);
+    S = group_sum<G>(S);
+  } else {
+    loss = log_(Aden) + M - eta;
+    S = A(1) / Aden;
+  }
+
+  // Pass 3: gradients (negatives: exp(u - M) * S; positives: -w_p * A / D_p).
+  for (int64_t p = s0 + lane; p < s1; p += G) {
+    const int64_t id = P.order ? P.order[p] : p;
+    const int64_t i = base + id;
+    A g = 0;
+    if (!(P.ign && P.ign[i])) {
+      const A u = load_u(P, i, id);  // read z before grad (which may be z) is written
+      const A e = exp_(u - M);
+      if (P.pos[i]) {
+        const A wp = P.w ? P.w[id] : A(1);
+        g = -wp * Aden / (Aden + e);
+      } else {
+        g = e * S;
+      }
+    }
+    store(&P.grad[i], g * P.scale);
+  }
+  if (P.grad_eta && lane == 0) P.grad_eta[row * P.m + k] = (e_eta * S - (any_pos ? A(0) : A(1))) * P.scale;
+  return loss;
+}
+
+// At least 4 blocks per SM: lets ptxas use up to 64 registers (48 for fp32, 58 for fp64 on
+// sm_80/sm_90) without spilling; a bare bound of 256 made it squeeze to 40 and spill.
+template <class T, class A>
+__global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, A> P) {
+  __shared__ A warp_loss[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
+    A acc = 0;
+    // Warp w takes the slices of 32 segments starting at 32 w, 32 (w + kWarps), ...
+    for (int64_t first = int64_t(warp) * 32; first < P.m; first += kThreads) {
+      const int64_t k = first + lane;
+      const bool valid = k < P.m;
+      const bool small = valid && P.offsets[k + 1] - P.offsets[k] <= kSmall;
+      if (small) acc += segment<1>(P, row, k, 0);
+      unsigned big = __ballot_sync(kFull, valid && !small);
+      while (big) {  // warp-uniform: the whole warp takes each large segment in turn
+        const int b = __ffs(big) - 1;
+        big &= big - 1;
+        const A l = segment<32>(P, row, first + b, lane);
+        if (lane == 0) acc += l;
+      }
+    }
+    acc = group_sum<32>(acc);
+    if (lane == 0) warp_loss[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      A total = 0;
+      for (int j = 0; j < kWarps; ++j) total += warp_loss[j];
+      P.loss[row] = total;
+    }
+    __syncthreads();  // warp_loss is reused by the next row
+  }
+}
+
+template <class T, class A>
+const char* launch(const ShlArgs& a, cudaStream_t stream) {
+  Params<T, A> P;
+  P.z = static_cast<const T*>(a.z);
+  P.grad = static_cast<T*>(a.grad);
+  P.pos = a.pos;
+  P.ign = a.ign;
+  P.order = a.order;
+  P.offsets = a.offsets;
+  P.w = static_cast<const A*>(a.w);
+  P.eta = static_cast<const A*>(a.eta);
+  P.delta = static_cast<const A*>(a.delta);
+  P.loss = static_cast<A*>(a.loss);
+  P.grad_eta = static_cast<A*>(a.grad_eta);
+  P.C = a.C;
+  P.B = a.B;
+  P.m = a.m;
+  P.scale = static_cast<A>(a.grad_scale);
+  const unsigned blocks = static_cast<unsigned>(a.B < INT_MAX ? a.B : INT_MAX);
+  shl_fused_kernel<T, A><<<blocks, kThreads, 0, stream>>>(P);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+const char* dispatch(const ShlArgs& a, cudaStream_t stream) {
+  switch (a.z_dtype) {
+    case DType::kF32: return launch<float, float>(a, stream);
+    case DType::kF64: return launch<double, double>(a, stream);
+    case DType::kF16: return launch<__half, float>(a, stream);
+    case DType::kBF16: return launch<__nv_bfloat16, float>(a, stream);
+    default: return "unsupported z dtype (expected float32, float64, float16 or bfloat16)";
+  }
+}
+
+}  // namespace
+
+const char* shl_fused_cuda(const ShlArgs& a, void* stream) {
+  if (a.B <= 0) return nullptr;  // nothing to write; a zero-block launch would be an error
+  // Launch on the device holding the outputs (the caller's current device may differ),
+  // then restore the current device.
+  cudaPointerAttributes attr;
+  cudaError_t e = cudaPointerGetAttributes(&attr, a.loss);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return cudaGetErrorString(e);
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    return "loss: not in CUDA device memory";
+  int current = 0;
+  if ((e = cudaGetDevice(&current)) != cudaSuccess) return cudaGetErrorString(e);
+  if (attr.device != current && (e = cudaSetDevice(attr.device)) != cudaSuccess)
+    return cudaGetErrorString(e);
+  const char* err = dispatch(a, static_cast<cudaStream_t>(stream));
+  if (attr.device != current) cudaSetDevice(current);
+  return err;
+}
+
+const char* shl_cuda_runtime_info(int* driver, int* runtime, int* devices) {
+  *driver = *runtime = *devices = 0;
+  cudaDriverGetVersion(driver);  // 0 when no driver is installed
+  cudaRuntimeGetVersion(runtime);
+  const cudaError_t e = cudaGetDeviceCount(devices);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear it: it must not be reported by a later launch check
+    *devices = 0;
+    return *driver == 0 ? "no CUDA driver found (libcuda could not be loaded)" : cudaGetErrorString(e);
+  }
+  return nullptr;
+}
+
+}  // namespace shl

@@ -1,0 +1,181 @@
+"""Fused elementwise multi-label losses (BCE, sigmoid focal, asymmetric) on the native CPU,
+native CUDA and Triton backends, and the autograd Function they share.
+
+A kernel writes the loss (per-row sums, or the [B, C] losses for reduction="none") and, in
+the same pass, the gradient already multiplied by `grad_scale` (1/(B*C) for "mean").
+Backward only rescales it by the upstream gradient, like fused.FusedSHL.
+"""
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+from typing import Protocol
+
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from .backends import BACKENDS, native, why_unavailable
+
+KINDS = {"bce": 0, "focal": 1, "asl": 2}
+_NATIVE_FN = {"cpu": "elementwise_fused_cpu", "cuda": "elementwise_fused_cuda"}
+
+
+@dataclass(frozen=True)
+class ElemSpec:
+    """Which loss and its constants (elementwise.h ElemParams)."""
+
+    kind: int
+    alpha: float = -1.0  # focal: weight of positives, 1 - alpha for negatives; < 0 = none
+    gamma: float = 0.0  # focal exponent
+    gamma_pos: float = 0.0  # ASL exponents
+    gamma_neg: float = 0.0
+    clip: float = 0.0  # ASL probability margin (0 = off)
+    eps: float = 1e-8  # ASL clamp inside the logs
+    detach: bool = False  # ASL: focal weight is a constant in the gradient
+
+
+class ElementwiseKernel(Protocol):
+    def __call__(self, z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
+                 weight: torch.Tensor | None, pos_weight: torch.Tensor | None, spec: ElemSpec,
+                 grad_scale: float, *, loss_rows: torch.Tensor | None = None,
+                 loss_el: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> None:
+        """z [B, C] fp32/fp64/fp16/bf16; pos/ign uint8 [B, C]; weight/pos_weight [C] in the
+        accumulation dtype (fp64 for fp64 z, else fp32) or None; all on z's device, contiguous.
+        Writes every element of the outputs given: loss_rows [B] (acc dtype, per-row sums),
+        loss_el [B, C] and grad [B, C] (z dtype, grad times grad_scale)."""
+        ...
+
+
+def _cap(t: torch.Tensor | None):
+    return None if t is None else to_dlpack(t.detach())
+
+
+def _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows, loss_el, grad):
+    kind, alpha, gamma, gamma_pos, gamma_neg, clip, eps, detach = astuple(spec)
+    return ((_cap(z), _cap(pos), _cap(ign), _cap(weight), _cap(pos_weight), _cap(loss_rows),
+             _cap(loss_el), _cap(grad)),
+            dict(kind=kind, alpha=alpha, gamma=gamma, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
+                 clip=clip, eps=eps, detach=detach, grad_scale=float(grad_scale)))
+
+
+def elementwise_cpu(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_rows=None,
+                    loss_el=None, grad=None) -> None:
+    """csrc/elementwise_cpu.cpp as an `ElementwiseKernel`."""
+    caps, kw = _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows,
+                            loss_el, grad)
+    native().elementwise_fused_cpu(*caps, **kw, num_threads=torch.get_num_threads())
+
+
+def elementwise_cuda(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_rows=None,
+                     loss_el=None, grad=None) -> None:
+    """csrc/elementwise_cuda.cu as an `ElementwiseKernel` (on z's device and current stream)."""
+    caps, kw = _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows,
+                            loss_el, grad)
+    with torch.cuda.device(z.device):
+        stream = torch.cuda.current_stream(z.device).cuda_stream
+        native().elementwise_fused_cuda(*caps, **kw, stream=stream)
+
+
+def elementwise_triton(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_rows=None,
+                       loss_el=None, grad=None) -> None:
+    """shl_kernels/triton_elementwise.py as an `ElementwiseKernel` (imported on first use)."""
+    from .triton_elementwise import elementwise_fused_triton
+
+    elementwise_fused_triton(z, pos, ign, weight, pos_weight, spec, grad_scale,
+                             loss_rows=loss_rows, loss_el=loss_el, grad=grad)
+
+
+_KERNELS = {"cpu": elementwise_cpu, "cuda": elementwise_cuda, "triton": elementwise_triton}
+
+
+def why_unavailable_elementwise(backend: str) -> str | None:
+    """None when the fused elementwise losses can run on `backend` here, else why not."""
+    if backend not in BACKENDS:
+        return f"unknown backend; choose one of {list(BACKENDS)} or 'auto'"
+    if backend in _NATIVE_FN:
+        ext = native()
+        if ext is None:
+            return ("the native extension shl_kernels._C is not built; reinstall with a C++ "
+                    "compiler and cmake present: pip install --no-build-isolation -e .")
+        if backend == "cuda" and why_unavailable("cuda") is not None:
+            return why_unavailable("cuda")
+        if not hasattr(ext, _NATIVE_FN[backend]):
+            return (f"this build of shl_kernels._C has no {backend} elementwise kernel; "
+                    "rebuild from a full checkout: pip install --no-build-isolation -e .")
+        return None
+    return why_unavailable(backend)
+
+
+def resolve_elementwise(backend: str, device: torch.device) -> str:
+    """auto = Triton for CUDA tensors (else the CUDA kernel), the native kernel for CPU
+    tensors, else torch."""
+    if backend == "auto":
+        prefs = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        for b in prefs:
+            if why_unavailable_elementwise(b) is None:
+                return b
+        return "torch"
+    why = why_unavailable_elementwise(backend)
+    if why is not None:
+        raise ValueError(f"backend: {backend!r} is not available: {why}")
+    if backend == "torch":
+        return backend
+    wants_cuda = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+    if wants_cuda != (device.type == "cuda"):
+        raise ValueError(f"backend: {backend!r} runs on {'CUDA' if wants_cuda else 'CPU'} "
+                         f"tensors, the logits are on {device}; move them or pick another backend")
+    return backend
+
+
+class FusedElementwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel: ElementwiseKernel, z: torch.Tensor, pos: torch.Tensor,
+                ign: torch.Tensor | None, weight: torch.Tensor | None,
+                pos_weight: torch.Tensor | None, spec: ElemSpec, reduction: str):
+        B, C = z.shape
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        scale = 1.0 / (B * C) if (reduction == "mean" and B * C > 0) else 1.0
+        need_grad = ctx.needs_input_grad[1]
+        grad = torch.empty_like(z) if need_grad else None
+        if reduction == "none":
+            out = torch.empty_like(z)
+            kernel(z, pos, ign, weight, pos_weight, spec, 1.0, loss_el=out, grad=grad)
+        else:
+            rows = torch.empty(B, dtype=acc, device=z.device)
+            kernel(z, pos, ign, weight, pos_weight, spec, scale, loss_rows=rows, grad=grad)
+            out = (rows.sum(dtype=acc) * scale).to(z.dtype)
+        # On ctx, not save_for_backward: backward rescales it in place, which would trip
+        # the saved-tensor version check on a second backward (retain_graph=True).
+        ctx.grad, ctx.reduction, ctx.factor = grad, reduction, None
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        grad = ctx.grad
+        if ctx.reduction == "none":
+            gz = grad * go.to(grad.dtype)
+        else:
+            # Rescale the saved buffer in place (no second B x C buffer); remember the factor
+            # so that a second backward (retain_graph=True) still gets the right answer.
+            g = go.to(torch.float64).item()
+            applied = 1.0 if ctx.factor is None else ctx.factor
+            if g == 0.0:
+                gz = torch.zeros_like(grad)
+            else:
+                if g != applied:
+                    grad.mul_(g / applied)
+                    ctx.factor = g
+                gz = grad
+        return None, gz, None, None, None, None, None, None
+
+
+def fused_elementwise(backend: str, z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
+                      weight: torch.Tensor | None, pos_weight: torch.Tensor | None,
+                      spec: ElemSpec, reduction: str) -> torch.Tensor:
+    """The loss through the fused kernel of `backend` ('cpu', 'cuda' or 'triton')."""
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+
+    def cast(x):
+        return None if x is None else x.to(acc).contiguous()
+
+    return FusedElementwise.apply(_KERNELS[backend], z.contiguous(), pos, ign, cast(weight),
+                                  cast(pos_weight), spec, reduction)

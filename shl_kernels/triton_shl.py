@@ -1,0 +1,339 @@
+"""Fused SHL forward + backward in Triton (backend "triton"); implements `fused.FusedKernel`.
+
+Scheduling: one program per (row, work item). A work item is either one segment
+(`window=0`, grid B*m) or every segment whose first position lies in a window of `window`
+segment-ordered positions (grid B*ceil(C/window); `window >= C` gives one program per row).
+Programs find their segments by binary search over `offsets`, so nothing is precomputed on
+the host and a call costs no device sync. Per segment:
+
+- size <= BLOCK: one load into registers, then max, sums, loss and gradient from there;
+- larger: pass 1 keeps a per-lane online max and sum of exp over the negatives (one exp per
+  element), the positive count and, for a single positive, its u and w; pass 2 (only with
+  two or more positives) sums the positive terms and S = sum_p w_p / D_p; pass 3 writes
+  the gradient.
+
+Each element of z is read before the same program writes its gradient, and programs own
+disjoint elements, so `grad_out` may alias z. Row losses are written per (row, item) and
+summed afterwards: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+_ACC = {torch.float32: torch.float32, torch.float16: torch.float32,
+        torch.bfloat16: torch.float32, torch.float64: torch.float64}
+
+
+@triton.jit
+def _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off, j, end,
+           acc_ty: tl.constexpr, BLOCK: tl.constexpr, HAS_IGN: tl.constexpr,
+           HAS_ORDER: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """Positions [j, j+BLOCK) of a segment ending at `end`: original column, element offset,
+    in-range mask, valid (in range, not ignored), positive, u = z + delta (-inf if not valid)."""
+    idx = j + tl.arange(0, BLOCK)
+    inr = idx < end
+    if HAS_ORDER:
+        col = tl.load(order_ptr + idx, mask=inr, other=0).to(tl.int64)
+    else:
+        col = idx.to(tl.int64)
+    off = row_off + col
+    valid = inr
+    if HAS_IGN:
+        valid = inr & (tl.load(ign_ptr + off, mask=inr, other=1) == 0)
+    p = valid & (tl.load(pos_ptr + off, mask=valid, other=0) != 0)
+    u = tl.load(z_ptr + off, mask=valid, other=0.0).to(acc_ty)
+    if HAS_DELTA:
+        u += tl.load(delta_ptr + col, mask=valid, other=0.0).to(acc_ty)
+    return col, off, inr, valid, p, tl.where(valid, u, float("-inf"))
+
+
+@triton.jit
+def _pos_weight(w_ptr, col, p, acc_ty: tl.constexpr, HAS_W: tl.constexpr):
+    """w at positives, 0 elsewhere."""
+    if HAS_W:
+        return tl.load(w_ptr + col, mask=p, other=0.0).to(acc_ty)
+    else:
+        return p.to(acc_ty)
+
+
+@triton.jit
+def _store_grad(grad_ptr, off, inr, valid, p, e, wp, A, S, scale):
+    # g_p = -w_p A / D_p (no cancellation), g_c = exp(u_c - M) * S, ignored labels 0.
+    g = tl.where(p, -wp * A / (A + e), e * S)
+    g = tl.where(valid, g, 0.0) * scale
+    tl.store(grad_ptr + off, g.to(grad_ptr.dtype.element_ty), mask=inr)
+
+
+@triton.jit
+def _segment_small(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_ptr, row_off,
+                   start, end, eta, scale, acc_ty: tl.constexpr, BLOCK: tl.constexpr,
+                   HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_DELTA: tl.constexpr):
+    col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off,
+                                        start, end, acc_ty, BLOCK, HAS_IGN, HAS_ORDER, HAS_DELTA)
+    M = tl.maximum(tl.max(u, axis=0), eta)
+    e = tl.where(valid, tl.exp(u - M), 0.0)
+    e_eta = tl.exp(eta - M)
+    A = tl.sum(tl.where(p, 0.0, e), axis=0) + e_eta
+    wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
+    npos = tl.sum(p.to(tl.int32), axis=0)
+    D = A + e
+    loss = tl.where(npos == 0, tl.log(A) + M - eta,
+                    tl.sum(tl.where(p, wp * (tl.log(D) + M - u), 0.0), axis=0))
+    S = tl.where(npos == 0, 1.0 / A, tl.sum(tl.where(p, wp / D, 0.0), axis=0))
+    _store_grad(grad_ptr, off, inr, valid, p, e, wp, A, S, scale)
+    return loss, e_eta * S - (npos == 0).to(acc_ty)
+
+
+@triton.jit
+def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_ptr, row_off,
+                   start, end, eta, scale, acc_ty: tl.constexpr, BLOCK: tl.constexpr,
+                   HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_DELTA: tl.constexpr):
+    # Pass 1, per lane: running max m_l over valid u (positives included: D_p needs
+    # exp(u_p - M) <= 1) and sum s_l of exp(u - m_l) over the negatives. One exp per element:
+    # exp(m_l - u) rescales s_l when u is the new max, exp(u - m_l) is u's term otherwise.
+    m_l = tl.full([BLOCK], float("-inf"), acc_ty)
+    s_l = tl.zeros([BLOCK], acc_ty)
+    np_l = tl.zeros([BLOCK], tl.int32)
+    pu_l = tl.zeros([BLOCK], acc_ty)
+    pw_l = tl.zeros([BLOCK], acc_ty)
+    for j in range(start, end, BLOCK):
+        col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr,
+                                            row_off, j, end, acc_ty, BLOCK, HAS_IGN, HAS_ORDER,
+                                            HAS_DELTA)
+        # -inf terms add nothing (and exp(-inf - -inf) would be NaN); NaN stays active so it
+        # reaches the sum (NaN > m_l is false, so NaN never becomes the max).
+        neg = (u != float("-inf")) & ~p
+        big = u > m_l
+        t = tl.exp(tl.where(big, m_l - u, u - m_l))
+        s_l = tl.where(neg, tl.where(big, s_l * t + 1.0, s_l + t),
+                       tl.where(big, s_l * t, s_l))
+        m_l = tl.where(big, u, m_l)
+        np_l += p.to(tl.int32)
+        pu_l += tl.where(p, u, 0.0)
+        pw_l += _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
+    M = tl.maximum(tl.max(m_l, axis=0), eta)
+    # s_l == 0: nothing summed on that lane (and m_l may be -inf); a NaN s_l must survive.
+    A = tl.sum(tl.where(s_l == 0.0, 0.0, s_l * tl.exp(m_l - M)), axis=0)
+    e_eta = tl.exp(eta - M)
+    A += e_eta
+    npos = tl.sum(np_l, axis=0)
+    # With one positive the sums over positives are its u and w: no second pass.
+    pu = tl.where(npos == 1, tl.sum(pu_l, axis=0), M)
+    pw = tl.sum(pw_l, axis=0)
+    D1 = A + tl.exp(pu - M)
+    loss = tl.where(npos == 0, tl.log(A) + M - eta, pw * (tl.log(D1) + M - pu))
+    S = tl.where(npos == 0, 1.0 / A, pw / D1)
+    if npos > 1:  # pass 2: several positives
+        l_l = tl.zeros([BLOCK], acc_ty)
+        sp_l = tl.zeros([BLOCK], acc_ty)
+        for j in range(start, end, BLOCK):
+            col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr,
+                                                row_off, j, end, acc_ty, BLOCK, HAS_IGN,
+                                                HAS_ORDER, HAS_DELTA)
+            wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
+            D = A + tl.exp(u - M)
+            l_l += tl.where(p, wp * (tl.log(D) + M - u), 0.0)
+            sp_l += tl.where(p, wp / D, 0.0)
+        loss = tl.sum(l_l, axis=0)
+        S = tl.sum(sp_l, axis=0)
+    for j in range(start, end, BLOCK):  # pass 3: gradient
+        col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr,
+                                            row_off, j, end, acc_ty, BLOCK, HAS_IGN, HAS_ORDER,
+                                            HAS_DELTA)
+        wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
+        _store_grad(grad_ptr, off, inr, valid, p, tl.exp(u - M), wp, A, S, scale)
+    return loss, e_eta * S - (npos == 0).to(acc_ty)
+
+
+@triton.jit
+def _lower_bound(off_ptr, n, target, n_iter):
+    """First i in [0, n] with off[i] >= target; off sorted and off[n] >= target."""
+    lo = tl.zeros([], tl.int32)
+    hi = n
+    for _ in range(n_iter):
+        mid = (lo + hi) // 2
+        right = tl.load(off_ptr + mid) < target
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit(do_not_specialize=["C", "m", "n_items", "window", "n_iter", "seg_bucket",
+                               "win_bucket", "par_bucket"])
+def _shl_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, off_ptr, w_ptr, eta_ptr, delta_ptr,
+                grad_ptr, part_ptr, geta_ptr, scale_hi, scale_lo, C, m, n_items, window, n_iter,
+                seg_bucket, win_bucket, par_bucket,
+                HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_ETA: tl.constexpr, HAS_DELTA: tl.constexpr, NEED_GETA: tl.constexpr,
+                SEG_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    # seg_bucket, win_bucket, par_bucket only key the autotuner.
+    acc_ty = part_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    row = pid // n_items
+    item = pid % n_items
+    if SEG_MODE:
+        k0 = item
+        k1 = item + 1
+    else:
+        lo = item.to(tl.int64) * window
+        k0 = _lower_bound(off_ptr, m, lo, n_iter)
+        k1 = _lower_bound(off_ptr, m, tl.minimum(lo + window, C), n_iter)
+    row_off = row.to(tl.int64) * C
+    # grad_scale arrives as two fp32 halves so fp64 keeps ~48 bits of it.
+    scale = tl.cast(scale_hi, acc_ty) + tl.cast(scale_lo, acc_ty)
+    row_loss = tl.zeros([], acc_ty)
+    for k in range(k0, k1):
+        start = tl.load(off_ptr + k)
+        end = tl.load(off_ptr + k + 1)
+        if HAS_ETA:
+            eta = tl.load(eta_ptr + k).to(acc_ty)
+        else:
+            eta = tl.zeros([], acc_ty)
+        if end - start <= BLOCK:
+            loss, geta = _segment_small(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr,
+                                        grad_ptr, row_off, start, end, eta, scale, acc_ty,
+                                        BLOCK, HAS_IGN, HAS_ORDER, HAS_W, HAS_DELTA)
+        else:
+            loss, geta = _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr,
+                                        grad_ptr, row_off, start, end, eta, scale, acc_ty,
+                                        BLOCK, HAS_IGN, HAS_ORDER, HAS_W, HAS_DELTA)
+        row_loss += loss
+        if NEED_GETA:
+            tl.store(geta_ptr + row.to(tl.int64) * m + k, geta * scale)
+    tl.store(part_ptr + pid, row_loss)
+
+
+# At most 4 elements per thread: the loop path keeps five per-lane accumulators, and more
+# elements per thread cost occupancy (sm_90: ~70-100 registers at 2-4 elements, 160 at 8).
+_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w)
+            for b, w in ((128, 1), (256, 2), (256, 4), (512, 4), (1024, 8), (2048, 16))]
+_KEY = ["seg_bucket", "win_bucket", "par_bucket"]
+_tuned = triton.autotune(_CONFIGS, key=_KEY)(_shl_kernel)
+# Autotuning runs the kernel several times: with grad_out aliasing z, z must be put back.
+_tuned_inplace = triton.autotune(_CONFIGS, key=_KEY, restore_value=["z_ptr"])(_shl_kernel)
+
+_INTERPRET_BLOCK = 32  # the interpreter cannot autotune; small so tests reach the loop path
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _default_window(B: int, C: int, m: int, device: torch.device) -> int:
+    """Pack segments so that the grid still has ~8 programs per SM (small B: many windows)."""
+    env = os.environ.get("SHL_TRITON_WINDOW")
+    if env is not None:
+        return int(env)
+    n_items = min(max(1, -(-8 * _num_sms(device) // max(B, 1))), max(m, 1))
+    return -(-C // n_items)
+
+
+def _u8(t: torch.Tensor, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    if t.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, z on {device}")
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{name}: expected uint8 (or bool), got {t.dtype}")
+    return t.contiguous()
+
+
+def _vec(t: torch.Tensor | None, name: str, n: int, dtype: torch.dtype,
+         device: torch.device) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, z on {device}")
+    return t.to(dtype).contiguous()
+
+
+def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
+                     order: torch.Tensor | None, offsets: torch.Tensor, w: torch.Tensor | None,
+                     eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
+                     need_grad_eta: bool, grad_out: torch.Tensor | None = None, *,
+                     window: int | None = None, block: int | None = None,
+                     num_warps: int | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`fused.FusedKernel` in Triton. Extra knobs (defaults are sensible):
+    window: 0 = one program per (row, segment); W > 0 = one per (row, W-position window);
+    >= C = one per row (default: a heuristic, or the SHL_TRITON_WINDOW environment variable).
+    block/num_warps: fix the BLOCK size instead of autotuning."""
+    if z.dtype not in _ACC:
+        raise TypeError(f"z: the triton backend takes float32/float16/bfloat16/float64 logits, "
+                        f"got {z.dtype}")
+    if z.dim() != 2:
+        raise ValueError(f"z: expected [B, C], got shape {tuple(z.shape)}")
+    dev = z.device
+    if dev.type != "cuda" and not knobs.runtime.interpret:
+        raise ValueError(f"z: the triton backend needs CUDA tensors, got {dev} "
+                         "(or set TRITON_INTERPRET=1 before importing triton to emulate)")
+    B, C = z.shape
+    acc = _ACC[z.dtype]
+    m = offsets.numel() - 1
+    if offsets.dim() != 1 or m < 0 or offsets.device != dev:
+        raise ValueError(f"offsets: expected int64 [m+1] on {dev}")
+    pos = _u8(pos, "pos", (B, C), dev)
+    ign = None if ign is None else _u8(ign, "ign", (B, C), dev)
+    order = _vec(order, "order", C, torch.int64, dev)
+    offsets = offsets.to(torch.int64).contiguous()
+    w = _vec(w, "w", C, acc, dev)
+    eta = _vec(eta, "eta", m, acc, dev)
+    delta = _vec(delta, "delta", C, acc, dev)
+    if grad_out is None:
+        grad = torch.empty((B, C), dtype=z.dtype, device=dev)
+    elif grad_out.shape != z.shape or grad_out.dtype != z.dtype or grad_out.device != dev \
+            or not grad_out.is_contiguous():
+        raise ValueError("grad_out: must be a contiguous tensor of z's shape, dtype and device")
+    else:
+        grad = grad_out
+    aliased = grad.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+    if aliased and not z.is_contiguous():
+        raise ValueError("z: must be contiguous to receive its gradient in place")
+    z = z.contiguous()
+    need_geta = bool(need_grad_eta) and eta is not None
+    geta = torch.empty((B, m), dtype=acc, device=dev) if need_geta else None
+    if B == 0 or C == 0:
+        grad.zero_()
+        if geta is not None:
+            geta.zero_()
+        return torch.zeros(B, dtype=acc, device=dev), grad, geta
+
+    win = _default_window(B, C, m, dev) if window is None else window
+    seg_mode = win <= 0
+    n_items = m if seg_mode else -(-C // win)
+    if B * n_items >= 2**31:
+        raise ValueError(f"window: {B} x {n_items} programs exceed the grid; use a larger window")
+    part = torch.empty((B, n_items), dtype=acc, device=dev)
+    hi = float(np.float32(grad_scale))
+    lo = float(np.float32(grad_scale - hi))
+    args = (z, pos, ign, order, offsets, w, eta, delta, grad, part, geta, hi, lo, C, m, n_items,
+            max(win, 0), (m + 1).bit_length(), (C // max(m, 1)).bit_length(),
+            max(win, 0).bit_length(), (B * n_items).bit_length())
+    flags = {"HAS_IGN": ign is not None, "HAS_ORDER": order is not None, "HAS_W": w is not None,
+             "HAS_ETA": eta is not None, "HAS_DELTA": delta is not None, "NEED_GETA": need_geta,
+             "SEG_MODE": seg_mode}
+    grid = (B * n_items,)
+    if block is None and knobs.runtime.interpret:
+        block = _INTERPRET_BLOCK
+    if block is not None:
+        _shl_kernel[grid](*args, **flags, BLOCK=block, num_warps=num_warps or 4)
+    else:
+        (_tuned_inplace if aliased else _tuned)[grid](*args, **flags)
+    loss_rows = part.view(B) if n_items == 1 else part.sum(1)
+    return loss_rows, grad, geta

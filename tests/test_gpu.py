@@ -1,0 +1,265 @@
+"""Fused kernels (Triton, and CUDA when built) on a GPU at training shapes against the
+PyTorch reference; everything here is skipped without CUDA."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import shl_kernels as shl
+from shl_kernels.backends import resolve
+from shl_kernels.fused import FusedSHL
+from shl_kernels.reference import shl_loss_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEV = "cuda"
+F64 = torch.float64
+
+
+def _triton():
+    from shl_kernels.triton_shl import shl_fused_triton
+    return shl_fused_triton
+
+
+def _cuda():
+    mod = pytest.importorskip("shl_kernels.kernels_cuda")
+    if not hasattr(mod, "shl_fused_cuda"):
+        pytest.skip("shl_kernels.kernels_cuda has no shl_fused_cuda")
+    ok, why = mod.cuda_available()
+    if not ok:
+        pytest.skip(why)
+    return mod.shl_fused_cuda
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def kernel(request):
+    return {"triton": _triton, "cuda": _cuda}[request.param]()
+
+
+def _sizes(C: int, m: int, gen: torch.Generator) -> list[int]:
+    """One segment of C/3 labels, ten singletons, the rest cut at random: 1 to >10k labels."""
+    big, rest = C // 3, C - C // 3 - 10
+    cuts = (torch.randperm(rest - 1, generator=gen)[:m - 12] + 1).sort().values.tolist()
+    edges = [0, *cuts, rest]
+    return [big] + [1] * 10 + [b - a for a, b in itertools.pairwise(edges)]
+
+
+def _problem(B: int, C: int, m: int, dtype: torch.dtype, *, seed: int = 0,
+             identity: bool = False, scale: float = 3.0, pos_p: float = 0.002,
+             ign_p: float = 0.01) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = _sizes(C, m, gen)
+    labels = list(range(C)) if identity else torch.randperm(C, generator=gen).tolist()
+    segs, at = [], 0
+    for s in sizes:
+        segs.append(labels[at:at + s])
+        at += s
+    seg = shl.Segmentation.from_segments(segs, C)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    acc = F64 if dtype == F64 else torch.float32
+    pos = torch.rand(B, C, generator=g, device=DEV) < pos_p
+    pos[::2, seg.order[:50].to(DEV)] = True  # several positives in the big segment (pass 2)
+    return {"seg": seg, "order": None if identity else seg.order.to(DEV),
+            "offsets": seg.offsets.to(DEV),
+            "z": (torch.randn(B, C, generator=g, device=DEV, dtype=F64) * scale).to(dtype),
+            "pos": pos, "ign": torch.rand(B, C, generator=g, device=DEV) < ign_p,
+            "w": (torch.rand(C, generator=g, device=DEV, dtype=F64) + 0.5).to(acc),
+            "eta": torch.randn(m, generator=g, device=DEV, dtype=F64).to(acc),
+            "delta": (torch.randn(C, generator=g, device=DEV, dtype=F64) * 0.5).to(acc)}
+
+
+def _call(kernel, x: dict, grad_scale: float, grad_out=None):
+    return kernel(x["z"], x["pos"].view(torch.uint8), x["ign"].view(torch.uint8), x["order"],
+                  x["offsets"], x["w"], x["eta"], x["delta"], grad_scale, True, grad_out)
+
+
+def _reference_rows(x: dict, rows: torch.Tensor, dtype: torch.dtype = F64):
+    """Reference loss rows, d(sum of rows)/dz and d/d eta on a subset of rows."""
+    z = x["z"][rows].to(dtype).requires_grad_()
+    eta = x["eta"].to(dtype).requires_grad_()
+    loss = shl_loss_reference(z, x["pos"][rows], x["seg"], x["w"].to(dtype), eta,
+                              x["delta"].to(dtype), x["ign"][rows], "none")
+    gz, geta = torch.autograd.grad(loss.sum(), (z, eta))
+    return loss.detach(), gz, geta
+
+
+def _check_rows(kernel, x: dict, rows, loss_rtol: float, grad_rtol: float,
+                grad_atol: float = 1e-12):
+    """Kernel with grad_scale 1/B (B a power of two, so rescaling is exact) vs reference."""
+    B = x["z"].shape[0]
+    loss, grad, geta = _call(kernel, x, 1.0 / B)
+    rl, rg, reta = _reference_rows(x, rows)
+    torch.testing.assert_close(loss[rows].double(), rl, rtol=loss_rtol, atol=loss_rtol)
+    torch.testing.assert_close(grad[rows].double() * B, rg, rtol=grad_rtol, atol=grad_atol * B)
+    torch.testing.assert_close(geta[rows].sum(0).double() * B, reta, rtol=loss_rtol,
+                               atol=loss_rtol * len(rows))
+    assert grad.dtype == x["z"].dtype and not grad.isnan().any()
+
+
+@pytest.mark.parametrize("B", [64, 4096])
+def test_bf16_large(kernel, B):
+    x = _problem(B, 32768, 100, torch.bfloat16, seed=B)
+    # bf16 round-to-nearest of an fp32 value: 2^-9 relative, 2^-8 leaves room for fp32 error
+    _check_rows(kernel, x, torch.arange(0, B, max(1, B // 256), device=DEV), 1e-5, 2**-8)
+
+
+def test_fp32_no_worse_than_reference_fp32(kernel):
+    x = _problem(64, 32768, 100, torch.float32, seed=1, scale=5.0)
+    rows = torch.arange(64, device=DEV)
+    loss, grad, geta = _call(kernel, x, 1.0)
+    exact = _reference_rows(x, rows)
+    ref32 = _reference_rows(x, rows, torch.float32)
+    for got, e, r in zip((loss, grad, geta.sum(0)), exact, ref32, strict=True):
+        err_k = (got.double() - e).abs().max().item()
+        err_r = (r.double() - e).abs().max().item()
+        # the kernel's exp/log are the GPU's fast fp32 ones (~2 ulp, plus x*log2(e) rounding)
+        assert err_k <= 2 * err_r + 5e-6 * e.abs().max().item(), (err_k, err_r)
+
+
+def test_fp64_through_autograd(kernel):
+    x = _problem(64, 8192, 50, F64, seed=2)
+    leaves = [x["z"].clone().requires_grad_(), x["eta"].clone().requires_grad_(),
+              x["delta"].clone().requires_grad_()]
+    loss = FusedSHL.apply(kernel, leaves[0], x["pos"].view(torch.uint8),
+                          x["ign"].view(torch.uint8), x["order"], x["offsets"], x["w"],
+                          leaves[1], leaves[2], "sum")
+    got = [loss.detach(), *torch.autograd.grad(loss, leaves)]
+    refs = [t.clone().requires_grad_() for t in (x["z"], x["eta"], x["delta"])]
+    ref = shl_loss_reference(refs[0], x["pos"], x["seg"], x["w"], refs[1], refs[2], x["ign"],
+                             "sum")
+    want = [ref.detach(), *torch.autograd.grad(ref, refs)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_fp16_extreme_logits(kernel):
+    x = _problem(256, 4096, 40, torch.float16, seed=3)
+    sign = torch.where(torch.rand(x["z"].shape, device=DEV) < 0.5, 80.0, -80.0)
+    x["z"] = (sign + torch.rand(x["z"].shape, device=DEV) * 0.5).half()
+    loss, grad, geta = _call(kernel, x, 1.0)
+    assert loss.isfinite().all() and grad.isfinite().all() and geta.isfinite().all()
+    # fp16 subnormals are 2^-24 apart
+    _check_rows(kernel, x, torch.arange(256, device=DEV), 1e-5, 2**-10, 2**-24)
+
+
+def test_nan_and_inf_propagate(kernel):
+    x = _problem(6, 32768, 100, torch.float32, seed=4, pos_p=0.0, ign_p=0.0)
+    seg = x["seg"]
+    big, single = seg.order[:100].tolist(), seg.order[seg.offsets[1]].item()  # a singleton
+    x["pos"][:] = False
+    z, pos, ign = x["z"], x["pos"], x["ign"]
+    z[0, big[60]] = float("nan")                  # negative in the big segment
+    z[1, big[3]] = float("inf")                   # +inf negative
+    pos[2, big[7]] = True
+    z[2, big[7]] = float("nan")                   # the only positive of the big segment
+    pos[3, single] = True
+    z[3, single] = float("inf")                   # +inf positive in a small segment
+    ign[4, big[9]] = True
+    z[4, big[9]] = float("nan")                   # ignored: takes no part
+    z[5, big[11]] = float("-inf")                 # a -inf negative is just absent
+    loss, grad, _ = _call(kernel, x, 1.0)
+    assert loss[:4].isnan().all()
+    assert grad[4, big[9]] == 0
+    z[4, big[9]] = 0.0  # the reference's autograd would spread the ignored NaN
+    rl, rg, _ = _reference_rows(x, torch.tensor([4, 5], device=DEV))
+    torch.testing.assert_close(loss[4:].double(), rl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad[4:].double(), rg, rtol=1e-5, atol=1e-7)
+
+
+def test_identity_order_matches_explicit(kernel):
+    x = _problem(512, 16384, 80, torch.float32, seed=5, identity=True)
+    ident = _call(kernel, x, 0.5)
+    explicit = _call(kernel, dict(x, order=torch.arange(16384, device=DEV)), 0.5)
+    for a, b in zip(ident, explicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    _check_rows(kernel, x, torch.arange(0, 512, 4, device=DEV), 1e-5, 1e-5)
+
+
+def test_inplace_zero_extra_memory(kernel):
+    B, C, m = 4096, 32768, 100
+    x = _problem(B, C, m, torch.bfloat16, seed=6)
+    want = _call(kernel, x, 1.0 / B)
+    z = x["z"].clone()
+    _call(kernel, dict(x, z=z), 1.0 / B, grad_out=z)  # compile / autotune outside the count
+    z.copy_(x["z"])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss, grad, _ = _call(kernel, dict(x, z=z), 1.0 / B, grad_out=z)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    # only [B]- and [B, m]-sized outputs and partial sums: no [B, C] buffer
+    assert extra <= 4 * B * (m + 1) * 4 + 2**20, extra
+    assert grad is z
+    torch.testing.assert_close(z, want[1], rtol=2**-7, atol=1e-12)
+    torch.testing.assert_close(loss, want[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [0, 512, 1 << 30])
+def test_triton_schedules(window):
+    from shl_kernels.triton_shl import shl_fused_triton
+
+    def k(*a):
+        return shl_fused_triton(*a, window=window)
+
+    x = _problem(256, 32768, 100, torch.bfloat16, seed=7)
+    _check_rows(k, x, torch.arange(0, 256, 2, device=DEV), 1e-5, 2**-8)
+
+
+def test_triton_autotune_inplace_restores_logits():
+    """The first in-place call autotunes, i.e. runs the kernel several times on the same
+    buffer: the autotuner must restore z between runs."""
+    from shl_kernels.triton_shl import shl_fused_triton
+    x = _problem(1000, 20000, 60, torch.float32, seed=8)
+    want = _call(shl_fused_triton, x, 1e-3)
+    z = x["z"].clone()
+    got = _call(shl_fused_triton, dict(x, z=z), 1e-3, grad_out=z)
+    # the in-place autotuner may pick another BLOCK: same maths, other summation order
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_public_api_triton():
+    assert resolve("auto", torch.device(DEV)) == "triton"
+    x = _problem(128, 16384, 80, torch.float32, seed=9)
+    seg, B = x["seg"], 128
+    go = torch.randn(B, device=DEV)
+    out = {}
+    for backend in ("torch", "triton"):
+        z = x["z"].clone().requires_grad_()
+        eta = x["eta"].clone().requires_grad_()
+        loss = shl.segmented_harmonic_loss(z, x["pos"], seg, label_weights=x["w"],
+                                           null_logits=eta, logit_offsets=x["delta"],
+                                           ignore=x["ign"], reduction="none", backend=backend)
+        out[backend] = [loss.detach(), *torch.autograd.grad(loss, (z, eta), go)]
+    for a, b in zip(out["triton"], out["torch"], strict=True):  # both in fp32
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_public_api_triton_inplace():
+    B, C, m = 2048, 32768, 100
+    x = _problem(B, C, m, torch.bfloat16, seed=10)
+    eta = x["eta"].clone().requires_grad_()
+
+    def run(z):
+        return shl.segmented_harmonic_loss(z, x["pos"], x["seg"], label_weights=x["w"],
+                                           null_logits=eta, ignore=x["ign"], backend="triton",
+                                           inplace=True)
+
+    want_loss = shl.segmented_harmonic_loss(x["z"].float(), x["pos"], x["seg"],
+                                            label_weights=x["w"], null_logits=eta,
+                                            ignore=x["ign"], backend="torch")
+    run(x["z"].clone())  # compile / autotune outside the count
+    z = x["z"].clone()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = run(z)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 4 * B * (m + 1) * 4 + 2**20, extra
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    (geta,) = torch.autograd.grad(loss, eta)
+    (want_geta,) = torch.autograd.grad(want_loss, eta)
+    torch.testing.assert_close(geta, want_geta, rtol=1e-4, atol=1e-6)
