@@ -1,9 +1,10 @@
 // CPU fused elementwise losses (see elementwise.h): OpenMP over rows; each row goes in chunks
-// through one branch-free loop over arrays (load, formula, select for ignore) that GCC
+// through one branch-free loop over arrays (convert, formula, select for ignore) that GCC
 // vectorises, libm calls included where glibc has SIMD variants (libmvec).
+
 // No FP-exception traps, so that GCC may if-convert (select) floating-point code under a
-// condition; results, NaN and inf included, are unchanged. For the whole file, so that every
-// inlined function agrees.
+// condition; results, NaN and inf included, are unchanged. Set for the whole file so that
+// every inlined function agrees.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -15,8 +16,8 @@
 
 // glibc's libmvec has SIMD variants of these; declaring them lets GCC vectorise the loop.
 // (glibc declares them itself only under -ffast-math, which would break NaN handling.)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
-    __GLIBC_PREREQ(2, 35)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#if __GLIBC_PREREQ(2, 35)
 #define SHL_SIMD_MATH __attribute__((__simd__("notinbranch")))
 extern "C" {
 float expf(float) SHL_SIMD_MATH;
@@ -28,6 +29,7 @@ double log(double) SHL_SIMD_MATH;
 double log1p(double) SHL_SIMD_MATH;
 double pow(double, double) SHL_SIMD_MATH;
 }
+#endif
 #endif
 
 #include "dtype.h"
@@ -82,7 +84,7 @@ void run(const ElemArgs& a) {
   const ElemCoef<A> c(a.p);
   const int64_t B = a.B, C = a.C;
   // Per-label weights of the positive / negative term, and an all-zero ignore row when
-  // there is no ignore mask: the hot loop then loads unconditionally (no masked loads).
+  // there is no ignore mask, so that the loops below load unconditionally.
   std::vector<A> a_pos(C), a_neg(C);
   const A* wt = static_cast<const A*>(a.weight);
   const A* pw = static_cast<const A*>(a.pos_weight);
@@ -107,18 +109,28 @@ void run(const ElemArgs& a) {
     const S* zr = z + i * C;
     const uint8_t* yr = a.pos + i * C;
     const uint8_t* ir = a.ign ? a.ign + i * C : no_ign.data();
-    A lb[kChunk], gb[kChunk];
+    const ElemCoef<A> cr = c;  // a private copy: loads from the shared one are not hoisted
+    A zb[kChunk], yb[kChunk], sb[kChunk], lb[kChunk], gb[kChunk];
     A sum = A(0);
     for (int64_t j0 = 0; j0 < C; j0 += kChunk) {
       const int64_t n = std::min(kChunk, C - j0);
+      // Inputs as A first: with bytes in the main loop GCC finds no vector shape for mixed
+      // 1- and 8-byte lanes (AVX-512, float64), and fp16 conversions do not vectorise.
+      for (int64_t k = 0; k < n; ++k) {
+        zb[k] = Tr::load(zr[j0 + k]);
+        yb[k] = yr[j0 + k] ? A(1) : A(0);
+        sb[k] = ir[j0 + k] ? A(1) : A(0);
+      }
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) {
         const int64_t j = j0 + k;
-        const bool y = yr[j] != 0;
-        const A apj = ap[j], anj = an[j];
+        const A yf = yb[k];
+        const bool y = yf != A(0);
         A l, gr;
-        elem_loss_grad<K>(Tr::load(zr[j]), y, y ? apj : anj, c, l, gr);
-        const bool skip = ir[j] != 0;
+        // Exact for finite weights (x * 1 + w * 0 = x); a select here would become masked
+        // loads that GCC does not vectorise.
+        elem_loss_grad<K>(zb[k], y, ap[j] * yf + an[j] * (A(1) - yf), cr, l, gr);
+        const bool skip = sb[k] != A(0);
         lb[k] = skip ? A(0) : l;
         gb[k] = skip ? A(0) : gr * gscale;
       }

@@ -104,7 +104,7 @@ template <ZType ZT, ElemKind K>
 cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
   int dev = 0, sms = 80;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);  // leaves 80 on error
   const ElemCoef<typename ZTraits<ZT>::A> c(a.p);
   const bool long_rows = a.C >= 1024;
   const int64_t rows_per_block = long_rows ? 1 : kBlock / 32;
@@ -132,16 +132,30 @@ cudaError_t launch_kind(const ElemArgs& a, cudaStream_t stream) {
 const char* elementwise_fused_cuda(const ElemArgs& a, void* stream) {
   if (a.B < 0 || a.C < 0) return "elementwise_fused_cuda: negative B or C";
   if (!a.loss_rows && !a.loss_el) return "elementwise_fused_cuda: no loss output";
-  if (a.B == 0) return nullptr;
+  if (a.B == 0) return nullptr;  // nothing to write; a zero-block launch would be an error
+  // Launch on the device holding z (this runtime's current device may differ from torch's),
+  // then restore the current device.
+  cudaPointerAttributes attr;
+  cudaError_t err = cudaPointerGetAttributes(&attr, a.z);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cudaGetErrorString(err);
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    return "z: not in CUDA device memory";
+  int current = 0;
+  if ((err = cudaGetDevice(&current)) != cudaSuccess) return cudaGetErrorString(err);
+  if (attr.device != current && (err = cudaSetDevice(attr.device)) != cudaSuccess)
+    return cudaGetErrorString(err);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t err;
   switch (a.z_type) {
     case ZType::kF32: err = launch_kind<ZType::kF32>(a, s); break;
     case ZType::kF64: err = launch_kind<ZType::kF64>(a, s); break;
     case ZType::kF16: err = launch_kind<ZType::kF16>(a, s); break;
     case ZType::kBF16: err = launch_kind<ZType::kBF16>(a, s); break;
-    default: return "elementwise_fused_cuda: unsupported logits dtype";
+    default: err = cudaErrorInvalidValue;
   }
+  if (attr.device != current) cudaSetDevice(current);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

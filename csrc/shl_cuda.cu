@@ -1,9 +1,10 @@
 // CUDA backend of the fused SHL kernel: loss rows and gradients of SPEC section 3 in one
 // launch; the contract (scaling, label order, nullable inputs) is in shl_args.h.
 //
-// Design: one block per row (grid-stride over rows). The block's warps take the row's
-// segments in slices of 32: a segment of at most kSmall labels is handled by one lane
-// alone, a larger one by the whole warp (lane-strided loops, shuffle reductions), so
+// Design: one block per row (grid-stride over rows). Warp w takes the row's segments
+// k = w (mod kWarps), 32 at a time (one per lane), so the large segments, usually few,
+// spread over the warps. A segment of at most kSmall labels is handled by its lane
+// alone, a larger one by the whole warp (lane-strided loops, shuffle reductions):
 // singleton segments do not waste a warp and 10k-label segments still get 32 lanes.
 // Each segment takes three passes over its labels:
 //   1. max M of eta and the non-ignored u's, online sum of exp(u - M) over the
@@ -165,21 +166,23 @@ __device__ A segment(const Params<T, A>& P, int64_t row, int64_t k, int lane) {
     }
     store(&P.grad[i], g * P.scale);
   }
-  if (P.grad_eta && lane == 0) P.grad_eta[row * P.m + k] = (e_eta * S - (any_pos ? A(0) : A(1))) * P.scale;
+  if (P.grad_eta && lane == 0)  // exp(eta) S, minus 1 for the null event
+    P.grad_eta[row * P.m + k] = (e_eta * S - (any_pos ? A(0) : A(1))) * P.scale;
   return loss;
 }
 
-// At least 4 blocks per SM: lets ptxas use up to 64 registers (48 for fp32, 58 for fp64 on
-// sm_80/sm_90) without spilling; a bare bound of 256 made it squeeze to 40 and spill.
+// At least 4 blocks per SM lets ptxas use up to 64 registers: 48 (fp32 accumulation, 5
+// blocks/SM) and 56 (fp64, 4 blocks/SM) on sm_80/sm_90, no spills; with a bare bound of 256
+// it squeezed to 40 registers and spilled.
 template <class T, class A>
 __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, A> P) {
   __shared__ A warp_loss[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     A acc = 0;
-    // Warp w takes the slices of 32 segments starting at 32 w, 32 (w + kWarps), ...
-    for (int64_t first = int64_t(warp) * 32; first < P.m; first += kThreads) {
-      const int64_t k = first + lane;
+    // Lane l of warp w, round j: segment k = w + kWarps (32 j + l).
+    for (int64_t first = warp; first < P.m; first += kThreads) {
+      const int64_t k = first + int64_t(kWarps) * lane;
       const bool valid = k < P.m;
       const bool small = valid && P.offsets[k + 1] - P.offsets[k] <= kSmall;
       if (small) acc += segment<1>(P, row, k, 0);
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, 
       while (big) {  // warp-uniform: the whole warp takes each large segment in turn
         const int b = __ffs(big) - 1;
         big &= big - 1;
-        const A l = segment<32>(P, row, first + b, lane);
+        const A l = segment<32>(P, row, first + int64_t(kWarps) * b, lane);
         if (lane == 0) acc += l;
       }
     }

@@ -43,9 +43,11 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
   const TensorView zv = view(z, "z");
   if (!zv.on_cuda())
     throw py::value_error("z: must be a CUDA tensor for the cuda backend (DLPack device type " +
-                          std::to_string(zv.device.device_type) + "); use the cpu backend or move it with .cuda()");
+                          std::to_string(zv.device.device_type) +
+                          "); use the cpu backend or move it with .cuda()");
   if (zv.shape.size() != 2) throw py::value_error("z: expected a 2-d tensor [B, C]");
-  check_dtype(zv, {DType::kF32, DType::kF64, DType::kF16, DType::kBF16}, "float32, float64, float16 or bfloat16");
+  check_dtype(zv, {DType::kF32, DType::kF64, DType::kF16, DType::kBF16},
+              "float32, float64, float16 or bfloat16");
   const int64_t B = zv.shape[0], C = zv.shape[1];
   const DType zt = to_dtype(zv.dtype);
   const DType acc = zt == DType::kF64 ? DType::kF64 : DType::kF32;

@@ -72,7 +72,8 @@ inline TensorView view(const py::object& obj, const char* name, bool optional = 
   v.dtype = t.dtype;
   v.device = t.device;
   v.shape.assign(t.shape, t.shape + t.ndim);
-  if (t.strides) {  // contiguous row-major required (size-1 dims may carry any stride)
+  if (t.strides && v.numel() > 0) {  // contiguous row-major required (size-1 dims and
+                                     // tensors without elements may carry any stride)
     int64_t expect = 1;
     for (int d = t.ndim - 1; d >= 0; --d) {
       if (t.shape[d] != 1 && t.strides[d] != expect)

@@ -1,6 +1,12 @@
 """shl-kernels: the Segmented Harmonic Loss (see SPEC.md)."""
-from .baselines import (asymmetric_loss, bce_loss, class_balanced_loss, class_balanced_weights,
-                        distribution_balanced_loss, focal_loss)
+from .baselines import (
+    asymmetric_loss,
+    bce_loss,
+    class_balanced_loss,
+    class_balanced_weights,
+    distribution_balanced_loss,
+    focal_loss,
+)
 from .loss import SegmentedHarmonicLoss, available_backends, segmented_harmonic_loss
 from .reference import harmonic_weights, segment_probs
 from .segmentation import Segmentation, segment_labels

@@ -40,13 +40,10 @@ def _why_not_triton() -> str | None:
 
 
 def _why_not_cuda() -> str | None:
-    ext = native()
-    if ext is None or not ext.build_info.get("cuda"):
-        return ("shl_kernels._C was built without CUDA; reinstall with nvcc on PATH "
-                "(or SHL_CUDA=1 to make a missing nvcc an error)")
-    if not torch.cuda.is_available():
-        return "no CUDA device is visible to torch"
-    return None
+    from .kernels_cuda import cuda_available
+
+    ok, why = cuda_available()
+    return None if ok else why
 
 
 @functools.cache

@@ -219,7 +219,7 @@ def class_balanced_loss(logits: torch.Tensor, targets, label_counts, *, beta: fl
     (the per-class sigmoid form). loss="bce": weighted BCE; loss="focal": weighted sigmoid focal
     loss with exponent `gamma` and no alpha (the class weight takes alpha's place, as in the
     paper)."""
-    B, C = _check_logits(logits, reduction)
+    _, C = _check_logits(logits, reduction)
     w = _cb_weights(_counts(label_counts, C), beta).to(device=logits.device,
                                                        dtype=_acc(logits.dtype))
     if loss == "bce":

@@ -53,8 +53,9 @@ def _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows, l
     kind, alpha, gamma, gamma_pos, gamma_neg, clip, eps, detach = astuple(spec)
     return ((_cap(z), _cap(pos), _cap(ign), _cap(weight), _cap(pos_weight), _cap(loss_rows),
              _cap(loss_el), _cap(grad)),
-            dict(kind=kind, alpha=alpha, gamma=gamma, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
-                 clip=clip, eps=eps, detach=detach, grad_scale=float(grad_scale)))
+            {"kind": kind, "alpha": alpha, "gamma": gamma, "gamma_pos": gamma_pos,
+             "gamma_neg": gamma_neg, "clip": clip, "eps": eps, "detach": detach,
+             "grad_scale": float(grad_scale)})
 
 
 def elementwise_cpu(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_rows=None,
@@ -143,14 +144,13 @@ class FusedElementwise(torch.autograd.Function):
             rows = torch.empty(B, dtype=acc, device=z.device)
             kernel(z, pos, ign, weight, pos_weight, spec, scale, loss_rows=rows, grad=grad)
             out = (rows.sum(dtype=acc) * scale).to(z.dtype)
-        # On ctx, not save_for_backward: backward rescales it in place, which would trip
-        # the saved-tensor version check on a second backward (retain_graph=True).
-        ctx.grad, ctx.reduction, ctx.factor = grad, reduction, None
+        ctx.save_for_backward(grad)
+        ctx.reduction, ctx.factor = reduction, None
         return out
 
     @staticmethod
     def backward(ctx, go):
-        grad = ctx.grad
+        (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             gz = grad * go.to(grad.dtype)
         else:
@@ -162,7 +162,9 @@ class FusedElementwise(torch.autograd.Function):
                 gz = torch.zeros_like(grad)
             else:
                 if g != applied:
-                    grad.mul_(g / applied)
+                    # Through .data: its own version counter, so that a second backward
+                    # (retain_graph=True) passes the saved-tensor check.
+                    grad.data.mul_(g / applied)
                     ctx.factor = g
                 gz = grad
         return None, gz, None, None, None, None, None, None

@@ -30,9 +30,11 @@ def _check_shape(shape: tuple, num_labels: int) -> None:
 
 def _from_sparse(labels, num_labels: int):
     _check_shape(labels.shape, num_labels)
-    csr = sp.csr_array(labels, copy=True)  # our own copy: canonicalising works in place
-    csr.sum_duplicates()  # same as the dense view: duplicates add up, sorted indices
-    csr.eliminate_zeros()  # stored zeros are not labels
+    csr = labels if labels.format == "csr" else labels.tocsr()
+    if not (csr.has_canonical_format and csr.data.all()):
+        csr = sp.csr_array(csr, copy=True)  # our own copy: canonicalising works in place
+        csr.sum_duplicates()  # as in the dense view: duplicates add up; sorts the rows
+        csr.eliminate_zeros()  # stored zeros are not labels
     return csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
 
 

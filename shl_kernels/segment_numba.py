@@ -16,7 +16,8 @@ from numba import njit, prange
 
 # Labels are dealt to blocks cyclically so that the Zipf-skewed work per label spreads
 # evenly over threads (static prange chunks would give one thread all frequent labels).
-_BLOCKS = 64
+_BLOCKS_PER_THREAD = 8
+_SCRATCH = 1 << 22  # int32 entries of scratch for the neighbours of one chunk of labels
 _INSERTION_MAX = 32  # rows up to this length are sorted in place, longer ones by np.sort
 # Below this many (document, label) pairs the kernels run on one thread: waking the pool
 # costs more than the work (measured up to ~15 ms per parallel call on a 2-vCPU VM).
@@ -73,7 +74,7 @@ def sort_unique_rows(indptr, indices):
 @njit(cache=True)
 def _transpose(indptr, indices, num_cols):
     """CSC view of a CSR matrix: for each column entry, its position t in the CSR and
-    how many entries precede it in its row.
+    how many entries precede it in its row; and per column the sum of the latter.
 
     With sorted rows, the entries of a row before position t are exactly the columns
     smaller than indices[t], so (t - before, t) bounds the scan without a compare.
@@ -85,29 +86,29 @@ def _transpose(indptr, indices, num_cols):
     pos = colptr[:-1].copy()
     entry = np.empty(indices.size, np.int64)
     before = np.empty(indices.size, np.int32)
+    bound = np.zeros(num_cols, np.int64)  # pair instances per column: >= distinct pairs
     for i in range(indptr.size - 1):
         for t in range(indptr[i], indptr[i + 1]):
             c = indices[t]
             entry[pos[c]] = t
             before[pos[c]] = t - indptr[i]
+            bound[c] += t - indptr[i]
             pos[c] += 1
-    return colptr, entry, before
+    return colptr, entry, before, bound
 
 
 @njit(cache=True, parallel=True)
-def _earlier_conflicts(ridx, colptr, entry, before, counts, tau, adj_ptr, adj, fill):
-    """For each rank j, the ranks k < j with M_jk / n_j > tau (Gustavson's SpGEMM row).
-
-    Pass 1 (fill=False) returns the degrees; pass 2 writes them into adj at adj_ptr.
-    Also returns, per j, the number of k < j that co-occur with j at all.
+def _earlier_conflicts(ridx, colptr, entry, before, counts, tau, j0, j1, buf_ptr, buf, deg,
+                       cooc, blocks):
+    """For ranks j in [j0, j1), the ranks k < j with M_jk / n_j > tau (Gustavson's SpGEMM
+    row with a dense accumulator): written to buf from buf_ptr[j - j0], counted in deg[j].
+    cooc[j] gets the number of k < j that co-occur with j at all.
     """
     C = counts.size
-    deg = np.zeros(C, np.int64)
-    cooc = np.zeros(C, np.int64)
-    for blk in prange(_BLOCKS):
+    for blk in prange(blocks):
         acc = np.zeros(C, np.int32)  # M_jk for the current j; int32 halves its cache use
         touched = np.empty(C, np.int32)
-        for j in range(blk, C, _BLOCKS):
+        for j in range(j0 + blk, j1, blocks):
             nt = 0
             for t in range(colptr[j], colptr[j + 1]):
                 for u in range(entry[t] - before[t], entry[t]):  # the labels placed before j
@@ -120,16 +121,26 @@ def _earlier_conflicts(ridx, colptr, entry, before, counts, tau, adj_ptr, adj, f
             # n_j <= n_k for k < j, so min(n_j, n_k) = n_j; the same float64 division
             # as the Python implementation keeps "s_jk > tau" bit-identical.
             nj = counts[j]
+            base = buf_ptr[j - j0]
             for q in range(nt):
                 k = touched[q]
                 if acc[k] / nj > tau:
-                    if fill:
-                        adj[adj_ptr[j] + nc] = k
+                    buf[base + nc] = k
                     nc += 1
                 acc[k] = 0
             deg[j] = nc
             cooc[j] = nt
-    return deg, cooc
+
+
+@njit(cache=True)
+def _compact(buf, buf_ptr, deg, j0, j1, out):
+    """Copy the deg[j] neighbours found for each j in [j0, j1) next to each other."""
+    o = 0
+    for j in range(j0, j1):
+        b = buf_ptr[j - j0]
+        for q in range(deg[j]):
+            out[o + q] = buf[b + q]
+        o += deg[j]
 
 
 @njit(cache=True)
@@ -189,16 +200,32 @@ def _conflicts(indptr, indices, num_labels: int, tau: float):
     rank[visit] = np.arange(C)
     # int32 ranks: half the memory traffic of the random row reads below
     rptr, ridx = sort_unique_rows(indptr, rank.astype(np.int32)[indices])
-    colptr, entry, before = _transpose(rptr, ridx, C)
+    colptr, entry, before, bound = _transpose(rptr, ridx, C)
     counts_r = counts[visit]
-    tau = float(tau)
-    # two passes (count, then fill) keep memory at exactly the conflicting pairs
-    deg, cooc = _earlier_conflicts(ridx, colptr, entry, before, counts_r, tau,
-                                   np.zeros(1, np.int64), np.zeros(0, np.int32), False)
+    bound = np.minimum(bound, np.arange(C))  # at most j labels precede rank j
+    # One pass over the work, in chunks of labels whose pair-instance bound fits a scratch
+    # buffer; each chunk is compacted, so memory stays O(conflicting pairs + scratch).
+    ends = np.cumsum(bound)
+    blocks = _BLOCKS_PER_THREAD * numba.get_num_threads()
+    deg = np.zeros(C, np.int64)
+    cooc = np.zeros(C, np.int64)
+    parts = []
+    j0 = 0
+    while j0 < C:
+        done = ends[j0 - 1] if j0 else 0
+        j1 = max(int(np.searchsorted(ends, done + _SCRATCH, side="right")), j0 + 1)
+        buf_ptr = np.zeros(j1 - j0 + 1, np.int64)
+        np.cumsum(bound[j0:j1], out=buf_ptr[1:])
+        buf = np.empty(buf_ptr[-1], np.int32)
+        _earlier_conflicts(ridx, colptr, entry, before, counts_r, float(tau), j0, j1, buf_ptr,
+                           buf, deg, cooc, blocks)
+        part = np.empty(deg[j0:j1].sum(), np.int32)
+        _compact(buf, buf_ptr, deg, j0, j1, part)
+        parts.append(part)
+        j0 = j1
     adj_ptr = np.zeros(C + 1, np.int64)
     np.cumsum(deg, out=adj_ptr[1:])
-    adj = np.empty(adj_ptr[-1], np.int32)
-    _earlier_conflicts(ridx, colptr, entry, before, counts_r, tau, adj_ptr, adj, True)
+    adj = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     return counts, visit, adj_ptr, adj, cooc
 
 

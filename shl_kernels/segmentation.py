@@ -246,7 +246,9 @@ def _check_args(num_labels, tau, max_segment_size, max_freq_ratio):
         # n_first >= n_c always, so a ratio below 1 would forbid any sharing
         raise ValueError(f"max_freq_ratio: must be None or a number >= 1, "
                          f"got {max_freq_ratio!r}")
-    return int(num_labels), float(tau)
+    return (int(num_labels), float(tau),
+            None if max_segment_size is None else int(max_segment_size),
+            None if max_freq_ratio is None else float(max_freq_ratio))
 
 
 def segment_labels(labels, num_labels: int, *, tau: float = 0.0,
@@ -258,12 +260,13 @@ def segment_labels(labels, num_labels: int, *, tau: float = 0.0,
     lists. Memory is O(nnz of labels + conflicting pairs); labels are visited by
     descending count and each goes to the first segment it fits.
     """
-    C, tau = _check_args(num_labels, tau, max_segment_size, max_freq_ratio)
+    C, tau, max_segment_size, max_freq_ratio = _check_args(num_labels, tau, max_segment_size,
+                                                           max_freq_ratio)
     indptr, indices = label_csr(labels, C)
     if indptr.size == 1:
         raise ValueError("labels: empty input; pass at least one document")
-    cap = C + 1 if max_segment_size is None else int(max_segment_size)
-    ratio = math.inf if max_freq_ratio is None else float(max_freq_ratio)
+    cap = C + 1 if max_segment_size is None else max_segment_size
+    ratio = math.inf if max_freq_ratio is None else max_freq_ratio
     order, offsets, counts, st = segment_csr(indptr, indices, C, tau, cap, ratio)
     stats = SegmentationStats(**st, tau=tau, max_segment_size=max_segment_size,
                               max_freq_ratio=max_freq_ratio)
@@ -283,7 +286,8 @@ def segment_labels_python(labels, num_labels: int, *, tau: float = 0.0,
                           max_freq_ratio: float | None = None) -> Segmentation:
     """Plain-Python greedy segmentation of SPEC section 2: the test oracle of
     `segment_labels` (O(N L^2) dict of pairs, O(C m) set intersections)."""
-    C, tau = _check_args(num_labels, tau, max_segment_size, max_freq_ratio)
+    C, tau, max_segment_size, max_freq_ratio = _check_args(num_labels, tau, max_segment_size,
+                                                           max_freq_ratio)
     sets = _label_sets(labels, C)
     if not sets:
         raise ValueError("labels: empty input; pass at least one document")

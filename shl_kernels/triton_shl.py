@@ -18,6 +18,7 @@ summed afterwards: deterministic, no atomics.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -231,13 +232,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_MAX_WINDOW = 2048
+
+
 def _default_window(B: int, C: int, m: int, device: torch.device) -> int:
-    """Pack segments so that the grid still has ~8 programs per SM (small B: many windows)."""
+    """Windows of at most _MAX_WINDOW positions, fewer positions when B is small so that the
+    grid keeps ~8 programs per SM. Several programs per row, launched next to each other,
+    share the row in L2 while they run, which matters when `order` gathers."""
     env = os.environ.get("SHL_TRITON_WINDOW")
     if env is not None:
         return int(env)
     n_items = min(max(1, -(-8 * _num_sms(device) // max(B, 1))), max(m, 1))
-    return -(-C // n_items)
+    return min(_MAX_WINDOW, -(-C // n_items))
 
 
 def _u8(t: torch.Tensor, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -270,10 +276,13 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
                      window: int | None = None, block: int | None = None,
                      num_warps: int | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`fused.FusedKernel` in Triton. Extra knobs (defaults are sensible):
+    """`fused.FusedKernel` in Triton. Extra knobs (the defaults are meant to be right):
     window: 0 = one program per (row, segment); W > 0 = one per (row, W-position window);
-    >= C = one per row (default: a heuristic, or the SHL_TRITON_WINDOW environment variable).
-    block/num_warps: fix the BLOCK size instead of autotuning."""
+    >= C = one per row (default: `_default_window`, or the SHL_TRITON_WINDOW environment
+    variable). block/num_warps: fix BLOCK instead of autotuning.
+
+    The first call per shape bucket and dtype autotunes BLOCK; with grad_out aliasing z that
+    first call holds a temporary copy of z (the autotuner restores z between trial runs)."""
     if z.dtype not in _ACC:
         raise TypeError(f"z: the triton backend takes float32/float16/bfloat16/float64 logits, "
                         f"got {z.dtype}")
@@ -303,8 +312,8 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     else:
         grad = grad_out
     aliased = grad.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
-    if aliased and not z.is_contiguous():
-        raise ValueError("z: must be contiguous to receive its gradient in place")
+    if aliased and (grad.data_ptr() != z.data_ptr() or not z.is_contiguous()):
+        raise ValueError("grad_out: in place it must be z itself, and z contiguous")
     z = z.contiguous()
     need_geta = bool(need_grad_eta) and eta is not None
     geta = torch.empty((B, m), dtype=acc, device=dev) if need_geta else None
@@ -313,6 +322,8 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
         if geta is not None:
             geta.zero_()
         return torch.zeros(B, dtype=acc, device=dev), grad, geta
+    if m == 0:
+        raise ValueError(f"offsets: no segments for {C} labels")
 
     win = _default_window(B, C, m, dev) if window is None else window
     seg_mode = win <= 0
@@ -331,9 +342,11 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     grid = (B * n_items,)
     if block is None and knobs.runtime.interpret:
         block = _INTERPRET_BLOCK
-    if block is not None:
-        _shl_kernel[grid](*args, **flags, BLOCK=block, num_warps=num_warps or 4)
-    else:
-        (_tuned_inplace if aliased else _tuned)[grid](*args, **flags)
+    # Triton launches on the current device: make it z's (multi-GPU).
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        if block is not None:
+            _shl_kernel[grid](*args, **flags, BLOCK=block, num_warps=num_warps or 4)
+        else:
+            (_tuned_inplace if aliased else _tuned)[grid](*args, **flags)
     loss_rows = part.view(B) if n_items == 1 else part.sum(1)
     return loss_rows, grad, geta

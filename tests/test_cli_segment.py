@@ -27,9 +27,11 @@ def test_jsonl_to_npz_and_plot(tmp_path, capsys):
     src, out, png = _jsonl(tmp_path / "labels.jsonl"), tmp_path / "seg.npz", tmp_path / "f.png"
     assert read_jsonl(str(src), progress=False) == DOCS
     rc = main([str(src), "--num-labels", str(C), "--tau", "0.2", "--max-segment-size", "3",
-               "--max-freq-ratio", "5", "--out", str(out), "--plot", str(png), "--quiet"])
+               "--max-freq-ratio", "5", "--out", str(out), "--plot", str(png)])
     assert rc == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "reading" in captured.err  # the tqdm progress bar
     want = shl.segment_labels(DOCS, C, tau=0.2, max_segment_size=3, max_freq_ratio=5.0)
     assert want.summary() in text and "saved" in text
     got = shl.Segmentation.load(out)

@@ -329,7 +329,7 @@ def test_outputs_fully_overwritten():
     _C.shl_fused_cuda(*(to_dlpack(t) for t in (z, pos, ign, order, offsets, w, eta, delta)), 0.5,
                       *(to_dlpack(t) for t in out), torch.cuda.current_stream().cuda_stream)
     # Segments move to other lanes, so the row sums may round differently.
-    torch.testing.assert_close(out[0], loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[0], loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[1], grad)
     assert torch.equal(out[2][:, 2], torch.zeros(B, device=DEV))
     assert torch.equal(torch.cat([out[2][:, :2], out[2][:, 3:]], 1), geta)

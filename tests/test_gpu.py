@@ -86,9 +86,10 @@ def _reference_rows(x: dict, rows: torch.Tensor, dtype: torch.dtype = F64):
 
 def _check_rows(kernel, x: dict, rows, loss_rtol: float, grad_rtol: float,
                 grad_atol: float = 1e-12):
-    """Kernel with grad_scale 1/B (B a power of two, so rescaling is exact) vs reference."""
+    """Kernel with grad_scale 1/B (B a power of two, so rescaling is exact) vs reference;
+    grad_out starts as NaN so that any element left unwritten shows."""
     B = x["z"].shape[0]
-    loss, grad, geta = _call(kernel, x, 1.0 / B)
+    loss, grad, geta = _call(kernel, x, 1.0 / B, torch.full_like(x["z"], float("nan")))
     rl, rg, reta = _reference_rows(x, rows)
     torch.testing.assert_close(loss[rows].double(), rl, rtol=loss_rtol, atol=loss_rtol)
     torch.testing.assert_close(grad[rows].double() * B, rg, rtol=grad_rtol, atol=grad_atol * B)

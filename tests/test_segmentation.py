@@ -109,6 +109,10 @@ def test_parallel_path_matches_serial(monkeypatch):
     serial = shl.segment_labels(docs, C, tau=0.02)
     monkeypatch.setattr(segment_numba, "PARALLEL_MIN_NNZ", 0)
     _assert_same(shl.segment_labels(docs, C, tau=0.02), serial)
+    monkeypatch.setattr(segment_numba, "PARALLEL_MIN_NNZ", 1 << 62)
+    for scratch in (1, 5000):  # one label per chunk; many chunks of labels
+        monkeypatch.setattr(segment_numba, "_SCRATCH", scratch)
+        _assert_same(shl.segment_labels(docs, C, tau=0.02), serial)
 
 
 # --- SPEC section 2 properties at a larger size ---------------------------------------
@@ -116,17 +120,16 @@ def test_parallel_path_matches_serial(monkeypatch):
 def _zipf_csr(N: int, C: int, seed: int) -> sp.csr_array:
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, C + 1)
-    rows = [np.unique(rng.choice(C, size=rng.integers(0, 15), p=p / p.sum()))
-            for _ in range(N)]
+    lens = rng.integers(0, 15, N)
+    rows = np.repeat(np.arange(N), lens)
     dense = np.zeros((N, C), np.int8)
-    for i, r in enumerate(rows):
-        dense[i, r] = 1
+    dense[rows, rng.choice(C, size=lens.sum(), p=p / p.sum())] = 1
     return sp.csr_array(dense)
 
 
 def test_spec_properties_zipf():
     X = _zipf_csr(3000, 400, seed=2)
-    dense = X.toarray().astype(np.int64)
+    dense = X.toarray().astype(np.float64)  # BLAS matmul; counts stay exact
     seg = shl.segment_labels(X, 400)
     assert sorted(seg.order.tolist()) == list(range(400))
     assert seg.num_segments >= int(dense.sum(1).max()) == seg.stats.max_labels_per_document
@@ -139,12 +142,13 @@ def test_spec_properties_zipf():
     M = dense.T @ dense
     n = np.diag(M).copy()
     np.fill_diagonal(M, 0)
+    strength = M / np.maximum(np.minimum.outer(n, n), 1)
     for tau in (0.05, 0.2):
-        s = shl.segment_labels(X, 400, tau=tau).segment_of.numpy()
-        strength = M / np.maximum(np.minimum.outer(n, n), 1)
+        seg = shl.segment_labels(X, 400, tau=tau)
+        s = seg.segment_of.numpy()
         j, k = np.nonzero(strength > tau)
         assert not (s[j] == s[k]).any()
-        assert len(j) // 2 == shl.segment_labels(X, 400, tau=tau).stats.num_conflicting_pairs
+        assert len(j) // 2 == seg.stats.num_conflicting_pairs
 
 
 def test_caps_hold():
@@ -195,10 +199,15 @@ def test_input_forms_agree(seed):
     with_zero = sp.csr_array((np.r_[zeros.data, 0.0], np.r_[zeros.indices, 0],
                               np.r_[zeros.indptr[:-1], zeros.indptr[-1] + 1]),
                              shape=dense.shape)  # an explicit stored zero is no label
+    rev = sp.csr_array(dense)
+    for i in range(rev.shape[0]):  # unsorted ids within rows
+        a, b = rev.indptr[i], rev.indptr[i + 1]
+        rev.indices[a:b] = rev.indices[a:b][::-1].copy()
+    rev.has_sorted_indices = False
     forms = [docs, tuple(tuple(d) for d in docs), [np.array(d, np.int32) for d in docs],
              [iter(d) for d in docs], dense, dense.astype(bool), torch.from_numpy(dense),
              torch.from_numpy(dense).bool(), sp.csr_array(dense), sp.csr_matrix(dense),
-             sp.csc_array(dense), coo, with_zero]
+             sp.csc_array(dense), coo, with_zero, rev]
     want = _naive_sets(docs, C)
     ref = segment_labels_python(docs, C, tau=0.2)
     for form in forms:

@@ -1,4 +1,5 @@
-"""Triton fused kernel against the PyTorch reference (on CPU through the Triton interpreter).
+"""Triton fused kernel against the PyTorch reference: on CPU through the Triton interpreter
+(tests/conftest.py), on the GPU when there is one (tests/test_gpu.py adds training shapes).
 
 Shapes stay tiny (the interpreter is ~2000x slower than a GPU); BLOCK=16 makes segments
 longer than 16 take the multi-pass loop path, shorter ones the single-load path.
@@ -25,6 +26,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 F64 = torch.float64
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
 EXTRAS = ("w", "eta", "delta", "ign")
 
@@ -52,17 +54,17 @@ def _problem(B: int, sizes: list[int], *, seed: int = 0, shuffle: bool = True,
 
 
 def _inputs(p: dict, dtype: torch.dtype, extras=EXTRAS) -> dict:
-    """What the kernel gets: z in `dtype`, w/eta/delta in its accumulation dtype."""
+    """What the kernel gets, on DEV: z in `dtype`, w/eta/delta in its accumulation dtype."""
     acc = _acc(dtype)
-    return dict(z=p["z"].to(dtype), pos=p["pos"], seg=p["seg"],
-                ign=p["ign"] if "ign" in extras else None,
-                **{k: p[k].to(acc) if k in extras else None for k in ("w", "eta", "delta")})
+    return dict(z=p["z"].to(DEV, dtype), pos=p["pos"].to(DEV), seg=p["seg"],
+                ign=p["ign"].to(DEV) if "ign" in extras else None,
+                **{k: p[k].to(DEV, acc) if k in extras else None for k in ("w", "eta", "delta")})
 
 
 def _upstream(reduction: str, B: int, dtype: torch.dtype) -> torch.Tensor:
     if reduction == "none":
-        return torch.linspace(-1.5, 2.0, B, dtype=dtype)
-    return torch.tensor(0.7, dtype=dtype)
+        return torch.linspace(-1.5, 2.0, B, dtype=dtype, device=DEV)
+    return torch.tensor(0.7, dtype=dtype, device=DEV)
 
 
 def _grads(loss, x: dict, reduction: str):
@@ -82,7 +84,8 @@ def run_fused(x: dict, reduction: str, kernel=None, identity: bool = False, inpl
     ign = None if x["ign"] is None else x["ign"].to(torch.uint8)
     seg = x["seg"]
     loss = FusedSHL.apply(kernel, x["z"], x["pos"].to(torch.uint8), ign,
-                          None if identity else seg.order, seg.offsets, x["w"], x["eta"],
+                          None if identity else seg.order.to(DEV), seg.offsets.to(DEV),
+                          x["w"], x["eta"],
                           x["delta"], reduction)
     return _grads(loss, x, reduction)
 
@@ -242,13 +245,15 @@ def test_fp32_no_worse_than_reference_fp32():
     for g, e, r in zip(got, exact, ref32):
         err_k = (g.double() - e).abs().max().item()
         err_r = (r.double() - e).abs().max().item()
-        assert err_k <= 2 * err_r + 1e-6 * e.abs().max().item(), (err_k, err_r)
+        # margin: on a GPU the kernel's fp32 exp/log are the fast ones (a few ulp)
+        assert err_k <= 2 * err_r + 5e-6 * e.abs().max().item(), (err_k, err_r)
 
 
 # Gradients are rounded twice: by the kernel's store and by FusedSHL's rescale with the
 # upstream 0.7. The interpreter truncates fp32 -> bf16 (GPUs round to nearest), so bf16 gets
 # two bf16 ulps; test_gpu.py checks the rounding on hardware.
-@pytest.mark.parametrize("dtype, grad_rtol", [(torch.bfloat16, 2**-6), (torch.float16, 2**-10)])
+@pytest.mark.parametrize("dtype, grad_rtol", [(torch.bfloat16, 2**-6),
+                                              (torch.float16, 2**-10 + 1e-5)])
 def test_low_precision(dtype, grad_rtol):
     x = _inputs(_problem(4, [30, 7, 1, 12, 2], seed=29), dtype)
     got = run_fused(x, "mean")
@@ -262,7 +267,8 @@ def test_low_precision(dtype, grad_rtol):
 def _direct(x: dict, scale: float = 0.25, grad_out=None, **kw):
     seg = x["seg"]
     return shl_fused_triton(x["z"], x["pos"].to(torch.uint8), x["ign"].to(torch.uint8),
-                            seg.order, seg.offsets, x["w"], x["eta"], x["delta"], scale, True,
+                            seg.order.to(DEV), seg.offsets.to(DEV), x["w"], x["eta"], x["delta"],
+                            scale, True,
                             grad_out, block=BLOCK, **kw)
 
 
@@ -295,13 +301,31 @@ def test_inplace_through_autograd():
     z = base * 1.0
     seg = x["seg"]
     loss = FusedSHL.apply(functools.partial(shl_fused_triton, block=BLOCK), z,
-                          x["pos"].to(torch.uint8), x["ign"].to(torch.uint8), seg.order,
-                          seg.offsets, x["w"], x["eta"], x["delta"], "mean", True)
+                          x["pos"].to(torch.uint8), x["ign"].to(torch.uint8),
+                          seg.order.to(DEV), seg.offsets.to(DEV), x["w"], x["eta"],
+                          x["delta"], "mean", True)
     loss.backward()
     want = run_reference(x, "mean")
     torch.testing.assert_close(loss.detach(), want[0], rtol=1e-10, atol=1e-12)
     upstream = _upstream("mean", 3, F64)
     torch.testing.assert_close(base.grad, want[1] / upstream, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_public_api(inplace):
+    """segmented_harmonic_loss(backend="triton") with the launcher's default schedule/BLOCK."""
+    x = _inputs(_problem(3, [40, 1, 5, 12], seed=43), F64)
+    out = {}
+    for backend in ("torch", "triton"):
+        z = x["z"].clone().requires_grad_()
+        logits = z * 1.0 if inplace else z  # in place needs a non-leaf
+        eta = x["eta"].clone().requires_grad_()
+        loss = shl.segmented_harmonic_loss(
+            logits, x["pos"], x["seg"], label_weights=x["w"], null_logits=eta,
+            logit_offsets=x["delta"], ignore=x["ign"], reduction="sum", backend=backend,
+            inplace=inplace and backend == "triton")
+        out[backend] = [loss.detach(), *torch.autograd.grad(loss, (z, eta))]
+    assert_all_close(out["triton"], out["torch"], 1e-10, 1e-12)
 
 
 def test_empty_batch():
@@ -320,7 +344,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="eta"):
         _direct(dict(x, eta=x["eta"][:1]))
     with pytest.raises(ValueError, match="grad_out"):
-        _direct(x, grad_out=torch.empty(2, 5, dtype=torch.float64))
+        _direct(x, grad_out=torch.empty(2, 5, dtype=F64, device=DEV))
 
 
 _AOT = textwrap.dedent("""
