@@ -90,14 +90,52 @@ inline double from_acc<double, double>(double v) { return v; }
 template <>
 inline uint16_t from_acc<uint16_t, float>(float v) { return f32_to_bf16(v); }
 
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// fp16 <-> fp32 in integer arithmetic with selects (after F. Giesen's half_to_float and
+// float_to_half_fast3_rtne): GCC 12 does not vectorise _Float16 conversions, these do.
+// Bit-exact with _Float16 casts (checked on all halves and on every 3rd float; NaN stays
+// NaN, with a canonical payload on store).
+inline float f16_bits_to_f32(uint16_t h) {
+  const uint32_t exp_mask = 0x7c00u << 13;
+  uint32_t o = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t e = o & exp_mask;
+  o += 112u << 23;                                // rebias 15 -> 127
+  const uint32_t inf_nan = o + (112u << 23);      // exponent all ones
+  const uint32_t sub = bits_of(float_of(o + (1u << 23)) - float_of(113u << 23));  // renormalise
+  o = e == exp_mask ? inf_nan : (e == 0 ? sub : o);
+  return float_of(o | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+inline uint16_t f32_to_f16_bits(float x) {
+  uint32_t f = bits_of(x);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  const uint32_t inf_nan = f > (255u << 23) ? 0x7e00u : 0x7c00u;
+  // Subnormal halves: adding 0.5 rounds the mantissa into place (round to nearest even).
+  const uint32_t magic = 126u << 23;
+  const uint32_t sub = bits_of(float_of(f) + float_of(magic)) - magic;
+  const uint32_t norm = (f + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
+  const uint32_t o = f >= (143u << 23) ? inf_nan : (f < (113u << 23) ? sub : norm);
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
 // fp16 storage: its own tag type so it does not collide with bf16's uint16_t.
 struct F16 {
   uint16_t bits;
 };
 template <>
-inline float to_acc<F16, float>(F16 v) { return f16_to_f32(v.bits); }
+inline float to_acc<F16, float>(F16 v) { return f16_bits_to_f32(v.bits); }
 template <>
-inline F16 from_acc<F16, float>(float v) { return F16{f32_to_f16(v)}; }
+inline F16 from_acc<F16, float>(float v) { return F16{f32_to_f16_bits(v)}; }
 
 // Per-thread scratch, cache-line aligned; p is null when the allocation failed (no
 // exception may leave an OpenMP worksharing loop).

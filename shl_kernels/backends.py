@@ -62,18 +62,21 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b) is None]
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """SPEC section 4: auto = Triton for CUDA tensors, else the native CPU kernel, else torch."""
+def resolve(backend: str, device: torch.device,
+            why: Callable[[str], str | None] | None = None) -> str:
+    """SPEC section 4: auto = Triton for CUDA tensors, else the native CPU kernel, else torch.
+    `why` says why a backend is unavailable (default: the SHL kernels' availability)."""
+    why = why or why_unavailable
     if backend == "auto":
         prefs = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
         for b in prefs:
-            if why_unavailable(b) is None:
+            if why(b) is None:
                 return b
         return "torch"
-    why = why_unavailable(backend)
-    if why is not None:
-        raise ValueError(f"backend: {backend!r} is not available: {why}")
-    wants_cuda = backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available())
+    reason = why(backend)
+    if reason is not None:
+        raise ValueError(f"backend: {backend!r} is not available: {reason}")
+    wants_cuda = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
     if backend != "torch" and wants_cuda != (device.type == "cuda"):
         raise ValueError(f"backend: {backend!r} runs on {'CUDA' if wants_cuda else 'CPU'} "
                          f"tensors, the logits are on {device}; move them or pick another backend")

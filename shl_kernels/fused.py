@@ -6,9 +6,11 @@ Backward only rescales it by the upstream gradient, so the common case (upstream
 """
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class FusedKernel(Protocol):
@@ -44,34 +46,71 @@ class FusedSHL(torch.autograd.Function):
         if inplace:
             # z now holds the gradient: make autograd raise if anything saved z for backward.
             torch.autograd.graph.increment_version(z)
-        ctx.save_for_backward(grad, grad_eta)
-        ctx.reduction, ctx.factor = reduction, None
+        # Kept on ctx, not saved: backward hands this buffer to autograd as the gradient,
+        # so no second [B, C] buffer is ever made (save_for_backward would force a copy).
+        ctx.grad_buffer, ctx.grad_eta = grad, grad_eta
+        ctx.reduction = reduction
+        if not inplace:  # a second backward (retain_graph, gradcheck) recomputes the buffer
+            ctx.recompute = Recompute(lambda z, pos, ign: kernel(
+                z, pos, ign, order, offsets, w, eta, delta, scale, need_eta)[1:], z, pos, ign)
         ctx.delta_dtype = None if delta is None else delta.dtype
         if reduction == "none":
             return loss_rows
         return loss_rows.sum(dtype=acc) * scale
 
     @staticmethod
-    def backward(ctx, go, *unused):
-        grad, grad_eta = ctx.saved_tensors
-        if ctx.reduction == "none":
-            gz = grad * go.to(grad.dtype).unsqueeze(1)
-            geta = None if grad_eta is None else (grad_eta * go.to(grad_eta.dtype).unsqueeze(1)).sum(0)
-        else:
-            # Rescale the saved buffer in place (no second B x C buffer); remember the
-            # factor so a second backward (retain_graph=True) still gets the right answer.
-            g = go.to(torch.float64).item()
-            applied = 1.0 if ctx.factor is None else ctx.factor
-            if g == 0.0:
-                gz = torch.zeros_like(grad)
-            else:
-                if g != applied:
-                    grad.mul_(g / applied)
-                    ctx.factor = g
-                gz = grad
-            geta = None if grad_eta is None else grad_eta.sum(0) * g
+    @once_differentiable
+    def backward(ctx, go):
+        gz, g, grad_eta = take_grad(ctx, go, ctx.reduction)
+        geta = None
+        if grad_eta is not None:
+            geta = (grad_eta.sum(0) * g if g is not None else
+                    (grad_eta * go.to(grad_eta.dtype).unsqueeze(1)).sum(0))
         gdelta = None
         if ctx.needs_input_grad[8]:
             gdelta = gz.sum(0, dtype=torch.float32 if gz.dtype != torch.float64 else None)
             gdelta = gdelta.to(ctx.delta_dtype)
         return None, gz, None, None, None, None, None, geta, gdelta, None, None
+
+
+class Recompute:
+    """Runs the forward kernel again for a second backward. The logits are held by a weak
+    reference (a strong one would keep them alive until backward); the uint8 target and
+    ignore masks (a quarter of an fp32 gradient at most) are held."""
+
+    def __init__(self, fn, z: torch.Tensor, *masks: torch.Tensor | None) -> None:
+        self.fn, self.z, self.masks = fn, weakref.ref(z), masks
+        self.versions = [t._version for t in (z, *masks) if t is not None]
+
+    def __call__(self):
+        z = self.z()
+        if z is None or [t._version for t in (z, *self.masks) if t is not None] != self.versions:
+            return None
+        with torch.no_grad():
+            return self.fn(z, *self.masks)
+
+
+def take_grad(ctx, go: torch.Tensor, reduction: str):
+    """The gradient buffer the forward left in `ctx.grad_buffer` (and `ctx.grad_eta`, for
+    SHL), times the upstream gradient `go`, rescaled in place and handed over to autograd
+    (no copy). A second backward recomputes the buffers with `ctx.recompute`.
+    Returns (grad, scalar upstream gradient or None for reduction "none", extra buffer).
+    Shared by every fused loss Function."""
+    grad = ctx.__dict__.pop("grad_buffer", None)
+    extra = ctx.__dict__.pop("grad_eta", None)
+    if grad is None:
+        again = ctx.recompute() if hasattr(ctx, "recompute") else None
+        if again is None:
+            raise RuntimeError(
+                "second backward through a fused loss: its gradient was handed to autograd "
+                "and cannot be recomputed (logits overwritten in place, freed or modified "
+                "since the forward); use backend='torch' or compute the loss again")
+        grad, extra = again if isinstance(again, tuple) else (again, None)
+    if reduction == "none":
+        grad.mul_(go.to(grad.dtype) if go.dim() == grad.dim() else
+                  go.to(grad.dtype).unsqueeze(1))
+        return grad, None, extra
+    g = float(go)  # one host sync; skips a full pass over the buffer when g == 1
+    if g != 1.0:
+        grad.mul_(g)
+    return grad, g, extra

@@ -11,9 +11,11 @@ from dataclasses import astuple, dataclass
 from typing import Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils.dlpack import to_dlpack
 
-from .backends import BACKENDS, native, why_unavailable
+from .backends import BACKENDS, native, resolve, why_unavailable
+from .fused import Recompute, take_grad
 
 KINDS = {"bce": 0, "focal": 1, "asl": 2}
 _NATIVE_FN = {"cpu": "elementwise_fused_cpu", "cuda": "elementwise_fused_cuda"}
@@ -71,9 +73,8 @@ def elementwise_cuda(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_
     """csrc/elementwise_cuda.cu as an `ElementwiseKernel` (on z's device and current stream)."""
     caps, kw = _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows,
                             loss_el, grad)
-    with torch.cuda.device(z.device):
-        stream = torch.cuda.current_stream(z.device).cuda_stream
-        native().elementwise_fused_cuda(*caps, **kw, stream=stream)
+    stream = torch.cuda.current_stream(z.device).cuda_stream
+    native().elementwise_fused_cuda(*caps, **kw, stream=stream)
 
 
 def elementwise_triton(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_rows=None,
@@ -107,24 +108,8 @@ def why_unavailable_elementwise(backend: str) -> str | None:
 
 
 def resolve_elementwise(backend: str, device: torch.device) -> str:
-    """auto = Triton for CUDA tensors (else the CUDA kernel), the native kernel for CPU
-    tensors, else torch."""
-    if backend == "auto":
-        prefs = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-        for b in prefs:
-            if why_unavailable_elementwise(b) is None:
-                return b
-        return "torch"
-    why = why_unavailable_elementwise(backend)
-    if why is not None:
-        raise ValueError(f"backend: {backend!r} is not available: {why}")
-    if backend == "torch":
-        return backend
-    wants_cuda = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
-    if wants_cuda != (device.type == "cuda"):
-        raise ValueError(f"backend: {backend!r} runs on {'CUDA' if wants_cuda else 'CPU'} "
-                         f"tensors, the logits are on {device}; move them or pick another backend")
-    return backend
+    """backends.resolve for the elementwise kernels."""
+    return resolve(backend, device, why_unavailable_elementwise)
 
 
 class FusedElementwise(torch.autograd.Function):
@@ -136,37 +121,28 @@ class FusedElementwise(torch.autograd.Function):
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32
         scale = 1.0 / (B * C) if (reduction == "mean" and B * C > 0) else 1.0
         need_grad = ctx.needs_input_grad[1]
-        grad = torch.empty_like(z) if need_grad else None
-        if reduction == "none":
-            out = torch.empty_like(z)
-            kernel(z, pos, ign, weight, pos_weight, spec, 1.0, loss_el=out, grad=grad)
-        else:
-            rows = torch.empty(B, dtype=acc, device=z.device)
-            kernel(z, pos, ign, weight, pos_weight, spec, scale, loss_rows=rows, grad=grad)
-            out = (rows.sum(dtype=acc) * scale).to(z.dtype)
-        ctx.save_for_backward(grad)
-        ctx.reduction, ctx.factor = reduction, None
+
+        def run(z, pos, ign, with_grad=True):
+            grad = torch.empty_like(z) if with_grad else None
+            if reduction == "none":
+                out = torch.empty_like(z)
+                kernel(z, pos, ign, weight, pos_weight, spec, 1.0, loss_el=out, grad=grad)
+            else:
+                out = torch.empty(B, dtype=acc, device=z.device)
+                kernel(z, pos, ign, weight, pos_weight, spec, scale, loss_rows=out, grad=grad)
+            return out, grad
+
+        out, grad = run(z, pos, ign, need_grad)
+        if reduction != "none":
+            out = (out.sum(dtype=acc) * scale).to(z.dtype)
+        ctx.grad_buffer, ctx.reduction = grad, reduction  # see fused.take_grad
+        ctx.recompute = Recompute(lambda *t: run(*t)[1], z, pos, ign)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, go):
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            gz = grad * go.to(grad.dtype)
-        else:
-            # Rescale the saved buffer in place (no second B x C buffer); remember the factor
-            # so that a second backward (retain_graph=True) still gets the right answer.
-            g = go.to(torch.float64).item()
-            applied = 1.0 if ctx.factor is None else ctx.factor
-            if g == 0.0:
-                gz = torch.zeros_like(grad)
-            else:
-                if g != applied:
-                    # Through .data: its own version counter, so that a second backward
-                    # (retain_graph=True) passes the saved-tensor check.
-                    grad.data.mul_(g / applied)
-                    ctx.factor = g
-                gz = grad
+        gz, _, _ = take_grad(ctx, go, ctx.reduction)
         return None, gz, None, None, None, None, None, None
 
 

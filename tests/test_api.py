@@ -141,3 +141,41 @@ def test_info_reports_backends():
     rep = build_report()
     assert rep["backend torch"] == "usable"
     assert set(rep) >= {"shl_kernels", "OpenMP", "CUDA kernels", "torch", "triton", "numba"}
+
+
+@pytest.mark.parametrize("backend", shl.available_backends())
+def test_second_backward_with_other_upstream_grad(backend):
+    seg = _seg()
+    z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.eye(4)[:3]
+    loss = shl.segmented_harmonic_loss(z, t, seg, backend=backend)
+    (g1,) = torch.autograd.grad(loss * 3.0, z, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * -0.5, z, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, z, retain_graph=True)
+    torch.testing.assert_close(g1, 3.0 * g3, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g2, -0.5 * g3, rtol=1e-12, atol=0)
+    if backend != "torch":  # the buffer cannot be recomputed once the logits changed
+        with torch.no_grad():
+            z.add_(1.0)
+        with pytest.raises(RuntimeError, match="second backward through a fused loss"):
+            torch.autograd.grad(loss, z)
+
+
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b != "torch"])
+def test_fused_gradcheck_and_inplace(backend):
+    seg = _seg()
+    t = torch.eye(4)[:3]
+    eta = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda z, e, d: shl.segmented_harmonic_loss(z, t, seg, null_logits=e, logit_offsets=d,
+                                                    backend=backend, reduction="none"),
+        (z, eta, delta))
+    ref = z.detach().clone().requires_grad_()
+    shl.segmented_harmonic_loss(ref, t, seg, backend="torch").backward()
+    buf = z.detach().clone()
+    loss = shl.segmented_harmonic_loss(buf, t, seg, backend=backend, inplace=True)
+    expect = shl.segmented_harmonic_loss(z.detach(), t, seg, backend="torch")
+    torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)
+    torch.testing.assert_close(buf, ref.grad, rtol=1e-12, atol=1e-15)  # gradient in place

@@ -1,6 +1,8 @@
 """Native CPU kernel (backend "cpu") against the PyTorch reference of SPEC section 3."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -13,7 +15,7 @@ _C = pytest.importorskip("shl_kernels._C")
 if not hasattr(_C, "shl_fused_cpu"):
     pytest.skip("shl_kernels._C was built without the CPU kernel", allow_module_level=True)
 
-from shl_kernels.kernels_cpu import shl_fused_cpu  # noqa: E402
+from shl_kernels.kernels_cpu import shl_fused_cpu
 
 SEEDS = [0, 1, 2]
 
@@ -32,7 +34,7 @@ def random_seg(C: int, m: int, g: torch.Generator, identity: bool = False,
     else:
         bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
     return shl_kernels.Segmentation.from_segments(
-        [ids[a:b] for a, b in zip(bounds, bounds[1:])], C)
+        [ids[a:b] for a, b in pairwise(bounds)], C)
 
 
 def make(B: int, C: int, m: int, seed: int, dtype=torch.float64, p_pos=0.1, p_ign=0.1,
@@ -89,7 +91,7 @@ def assert_close(got, want, rtol, atol, what):
             assert a is None, f"{what}: {name} should be None"
             continue
         torch.testing.assert_close(a.to(torch.float64), b.to(torch.float64), rtol=rtol,
-                                   atol=atol, msg=lambda m: f"{what}: {name}: {m}")
+                                   atol=atol, msg=lambda m, name=name: f"{what}: {name}: {m}")
 
 
 SHAPES = [  # (B, C, m, segment sizes or None = random)
@@ -193,6 +195,26 @@ def test_half_precision_inputs(seed, dtype, identity):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("identity", [False, True])
+def test_half_precision_rounds_the_fp32_result(seed, dtype, identity):
+    """bf16/fp16 z is upcast exactly and the maths runs in fp32, so the kernel on half z
+    must give the fp32 kernel's loss on the upcast z, and its gradient rounded to nearest
+    even (torch's .to) bit for bit; also covers halves' subnormals, infinities and NaN."""
+    seg, z, pos, ign, w, eta, delta = make(5, 400, 9, seed, dtype=dtype, identity=identity)
+    special = torch.tensor([0.0, -0.0, 1e-7, -3e-6, 65504.0, float("inf"), float("nan")])
+    z[4, :7] = special.to(dtype)  # row 4: inf/NaN make its loss NaN
+    order = None if identity else seg.order
+    args = (pos.view(torch.uint8), ign.view(torch.uint8), order, seg.offsets, w, eta, delta,
+            0.125, True)
+    l16, g16, e16 = shl_fused_cpu(z, *args)
+    l32, g32, e32 = shl_fused_cpu(z.float(), *args)
+    assert torch.equal(_bits(l16), _bits(l32)) and torch.equal(_bits(e16), _bits(e32))
+    assert torch.equal(_bits(g16[:4]), _bits(g32[:4].to(dtype)))
+    assert torch.isnan(l16[4])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_rows_without_positive_and_all_positive(seed):
     seg, z, pos, ign, w, eta, delta = make(6, 45, 5, seed)
     pos[0] = False  # null events only
@@ -255,7 +277,7 @@ def test_nan_and_inf_propagate(seed, bad, dtype, role):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_minus_inf_logits(seed):
-    seg, z, pos, ign, w, eta, delta = make(4, 50, 5, seed, p_ign=0.0)
+    seg, z, pos, _, w, eta, delta = make(4, 50, 5, seed, p_ign=0.0)
     neg = ~pos
     z[neg & (torch.rand(z.shape, generator=torch.Generator().manual_seed(seed)) < 0.3)] = \
         float("-inf")
@@ -319,8 +341,9 @@ def test_every_output_written(seed, dtype, identity):
     assert grad is grad_out
     assert torch.isfinite(grad).all()
     # every output of the binding, poisoned
-    outs = dict(loss=torch.full((9,), float("nan"), dtype=acc), grad=grad_out.fill_(float("nan")),
-                grad_eta=torch.full((9, 11), float("nan"), dtype=acc))
+    outs = {"loss": torch.full((9,), float("nan"), dtype=acc),
+            "grad": grad_out.fill_(float("nan")),
+            "grad_eta": torch.full((9, 11), float("nan"), dtype=acc)}
     _C.shl_fused_cpu(*(None if t is None else to_dlpack(t) for t in (
         z, pos, ign, order, seg.offsets, w, eta, delta)), 0.5,
         *(to_dlpack(t) for t in outs.values()), 2)
@@ -389,12 +412,13 @@ def test_sum_matches_bce_with_singletons():
 def _valid(B=4, C=7, m=3, dtype=torch.float32):
     acc = _acc(dtype)
     seg = random_seg(C, m, torch.Generator().manual_seed(0))
-    return dict(z=torch.randn(B, C, dtype=dtype), pos=torch.zeros(B, C, dtype=torch.uint8),
-                ign=torch.zeros(B, C, dtype=torch.bool), order=seg.order, offsets=seg.offsets,
-                w=torch.ones(C, dtype=acc), eta=torch.zeros(m, dtype=acc),
-                delta=torch.zeros(C, dtype=acc), grad_scale=1.0,
-                loss=torch.empty(B, dtype=acc), grad=torch.empty(B, C, dtype=dtype),
-                grad_eta=torch.empty(B, m, dtype=acc), num_threads=1)
+    return {"z": torch.randn(B, C, dtype=dtype), "pos": torch.zeros(B, C, dtype=torch.uint8),
+            "ign": torch.zeros(B, C, dtype=torch.bool), "order": seg.order,
+            "offsets": seg.offsets, "w": torch.ones(C, dtype=acc),
+            "eta": torch.zeros(m, dtype=acc), "delta": torch.zeros(C, dtype=acc),
+            "grad_scale": 1.0, "loss": torch.empty(B, dtype=acc),
+            "grad": torch.empty(B, C, dtype=dtype), "grad_eta": torch.empty(B, m, dtype=acc),
+            "num_threads": 1}
 
 
 def _call(kw):
