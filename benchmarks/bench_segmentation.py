@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{st.max_labels_per_document} labels/doc")
     rows = []
 
+    suffix = f"@tau={args.tau:g}" if args.tau else ""  # the CSV has no tau column
+
     def row(bench, impl, n, nnz, ms, ref_ms):
-        rows.append({"benchmark": bench, "impl": impl, "N": n, "C": C, "nnz": nnz,
+        rows.append({"benchmark": bench + suffix, "impl": impl, "N": n, "C": C, "nnz": nnz,
                      "ms": f"{ms:.1f}", "speedup": f"{ms / ref_ms:.1f}"})
 
     numba_ms = median_ms(lambda: shl.segment_labels(X, C, tau=args.tau), args.repeats)
@@ -148,11 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         row("segment_subset", "python", n, Xs.nnz, py_ms, sub_ms)
 
     sha, date = commit(), datetime.datetime.now().isoformat(timespec="seconds")
-    print(f"\n{'benchmark':<21}{'impl':<24}{'N':>8}{'C':>7}{'nnz':>10}{'ms':>10}"
+    print(f"\n{'benchmark':<29}{'impl':<24}{'N':>8}{'C':>7}{'nnz':>10}{'ms':>10}"
           f"{'numba x':>9}")
     for r in rows:
         r.update(commit=sha, date=date)
-        print(f"{r['benchmark']:<21}{r['impl']:<24}{r['N']:>8}{r['C']:>7}{r['nnz']:>10}"
+        print(f"{r['benchmark']:<29}{r['impl']:<24}{r['N']:>8}{r['C']:>7}{r['nnz']:>10}"
               f"{r['ms']:>10}{r['speedup']:>9}")
     print("numba x = impl ms / numba ms on the same input: coloring_only against numba's "
           "greedy alone, segment_vs_coloring against the whole numba pipeline")

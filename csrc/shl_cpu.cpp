@@ -298,9 +298,16 @@ void store_gathered(const A* __restrict v, const int32_t* __restrict inv, T* __r
   for (int64_t c = 0; c < C; ++c) g[c] = from_acc<T, A>(v[inv[c]]);
 }
 
+// Order given: x[ord[s..e)] = v[s..e) * f, back into original order in scratch.
 template <class A>
-void scale(A* __restrict v, A f, int64_t s, int64_t e) {
-  for (int64_t p = s; p < e; ++p) v[p] *= f;
+void scatter_scaled(const A* __restrict v, A f, const int32_t* __restrict ord, A* __restrict x,
+                    int64_t s, int64_t e) {
+  for (int64_t p = s; p < e; ++p) x[ord[p]] = v[p] * f;
+}
+
+template <class T, class A>
+void store_row(const A* __restrict x, T* __restrict g, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) g[c] = from_acc<T, A>(x[c]);
 }
 
 // One row. zr and gr may be the same row (in-place): every z value a segment needs is
@@ -387,15 +394,15 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
 
     const A f = F * a.scale;
     if (a.ord) {
-      scale<A>(v, f, s, e);
-      for (size_t q = p0; q < p1; ++q) v[plist[q].posn] = plist[q].g * a.scale;
+      scatter_scaled<A>(v, f, a.ord, x, s, e);
+      for (size_t q = p0; q < p1; ++q) x[plist[q].c] = plist[q].g * a.scale;
     } else {
       store_scaled<T, A>(v, f, gr, s, e);
       for (size_t q = p0; q < p1; ++q) gr[plist[q].c] = from_acc<T, A>(plist[q].g * a.scale);
     }
   }
   a.loss[i] = row_loss;
-  if (a.ord) store_gathered<T, A>(v, a.inv, gr, C);
+  if (a.ord) store_row<T, A>(x, gr, C);
 }
 
 template <class T, class A>

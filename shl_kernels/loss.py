@@ -86,8 +86,7 @@ def _seg_tensors(seg: Segmentation, device: torch.device):
     """(order or None for identity, offsets) on `device`, cached on the Segmentation."""
     cache = seg.__dict__.setdefault("_device_tensors", {})
     if device not in cache:
-        identity = bool(torch.equal(seg.order, torch.arange(seg.num_labels)))
-        order = None if identity else seg.order.to(device).contiguous()
+        order = None if seg.is_identity_order else seg.order.to(device).contiguous()
         cache[device] = (order, seg.offsets.to(device).contiguous())
     return cache[device]
 

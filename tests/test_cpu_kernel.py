@@ -209,9 +209,15 @@ def test_half_precision_rounds_the_fp32_result(seed, dtype, identity):
             0.125, True)
     l16, g16, e16 = shl_fused_cpu(z, *args)
     l32, g32, e32 = shl_fused_cpu(z.float(), *args)
-    assert torch.equal(_bits(l16), _bits(l32)) and torch.equal(_bits(e16), _bits(e32))
-    assert torch.equal(_bits(g16[:4]), _bits(g32[:4].to(dtype)))
     assert torch.isnan(l16[4])
+    for a, b in ((l16, l32), (e16, e32), (g16, g32.to(dtype))):
+        assert _same_bits(a, b)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, except that NaN payloads (which follow operand order) may differ."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(_bits(a)[~nan], _bits(b)[~nan])
 
 
 @pytest.mark.parametrize("seed", SEEDS)
