@@ -47,6 +47,11 @@ class Segmentation:
         # frozen, so the answer never changes: compute it once
         identity = bool(torch.equal(self.order.cpu(), torch.arange(self.num_labels)))
         object.__setattr__(self, "_is_identity_order", identity)
+        # a constant of the segmentation; computing it per call would also break
+        # torch.compile graphs (data-dependent output shape)
+        sizes = self.offsets[1:] - self.offsets[:-1]
+        object.__setattr__(self, "_segment_at_position",
+                           torch.repeat_interleave(torch.arange(sizes.numel()), sizes))
 
     @property
     def num_segments(self) -> int:
@@ -65,7 +70,7 @@ class Segmentation:
     @property
     def segment_at_position(self) -> torch.Tensor:
         """int64 [C]: segment of each segment-ordered position."""
-        return torch.repeat_interleave(torch.arange(self.num_segments), self.segment_sizes)
+        return self._segment_at_position
 
     @property
     def segment_of(self) -> torch.Tensor:
