@@ -123,7 +123,9 @@ inline uint16_t f32_to_f16_bits(float x) {
   // Subnormal halves: adding 0.5 rounds the mantissa into place (round to nearest even).
   const uint32_t magic = 126u << 23;
   const uint32_t sub = bits_of(float_of(f) + float_of(magic)) - magic;
-  const uint32_t norm = (f + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
+  // Normal halves: rebias, then round to nearest even through the 13 dropped bits.
+  const uint32_t rebias = static_cast<uint32_t>(15 - 127) << 23;
+  const uint32_t norm = (f + rebias + 0xfffu + ((f >> 13) & 1u)) >> 13;
   const uint32_t o = f >= (143u << 23) ? inf_nan : (f < (113u << 23) ? sub : norm);
   return static_cast<uint16_t>(o | (sign >> 16));
 }
@@ -255,12 +257,23 @@ typename Key<A>::type gather_max(const A* __restrict x, const int32_t* __restric
   return mk;
 }
 
+// Sums sm[0..2W) pairwise (halving): a fixed order.
+template <class A, int W>
+inline A fold(A* sm) {
+  for (int j = 0; j < W; ++j) sm[j] += sm[j + W];
+  if constexpr (W > 1) {
+    return fold<A, W / 2>(sm);
+  } else {
+    return sm[0];
+  }
+}
+
 // exp(v - M) in place over v[s..e); returns the sum. Blocks of L lanes, lane j always
 // summing elements b + j and lanes combined in a fixed tree, so the order is fixed; the
 // last partial block runs full width with its dead lanes masked (scratch is padded by L),
 // so no exp runs in a scalar tail loop.
 template <class A>
-A exp_sum(A* __restrict v, int64_t s, int64_t e, A M) {
+inline A exp_sum(A* __restrict v, int64_t s, int64_t e, A M) {
   constexpr int L = kL<A>;
   A sm[L];
   for (int j = 0; j < L; ++j) sm[j] = 0;
@@ -273,16 +286,15 @@ A exp_sum(A* __restrict v, int64_t s, int64_t e, A M) {
     }
   }
   if (b < e) {
+    // Slots past e are dead here (later segments fill their own afterwards): store all.
     const int n = static_cast<int>(e - b);
     for (int j = 0; j < L; ++j) {
       const A ex = j < n ? exp_acc(v[b + j] - M) : A(0);
-      v[b + j] = j < n ? ex : v[b + j];
+      v[b + j] = ex;
       sm[j] += ex;
     }
   }
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) sm[j] += sm[j + w];
-  return sm[0];
+  return fold<A, L / 2>(sm);
 }
 
 // Identity order: g[s..e) = v[s..e) * f in z's dtype.
@@ -298,16 +310,9 @@ void store_gathered(const A* __restrict v, const int32_t* __restrict inv, T* __r
   for (int64_t c = 0; c < C; ++c) g[c] = from_acc<T, A>(v[inv[c]]);
 }
 
-// Order given: x[ord[s..e)] = v[s..e) * f, back into original order in scratch.
 template <class A>
-void scatter_scaled(const A* __restrict v, A f, const int32_t* __restrict ord, A* __restrict x,
-                    int64_t s, int64_t e) {
-  for (int64_t p = s; p < e; ++p) x[ord[p]] = v[p] * f;
-}
-
-template <class T, class A>
-void store_row(const A* __restrict x, T* __restrict g, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) g[c] = from_acc<T, A>(x[c]);
+void scale(A* __restrict v, A f, int64_t s, int64_t e) {
+  for (int64_t p = s; p < e; ++p) v[p] *= f;
 }
 
 // One row. zr and gr may be the same row (in-place): every z value a segment needs is
@@ -349,7 +354,8 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
       std::sort(plist.begin(), plist.end(), less);
     } else {
       for (size_t j = 1; j < plist.size(); ++j)
-        for (size_t k = j; k > 0 && less(plist[k], plist[k - 1]); --k) std::swap(plist[k], plist[k - 1]);
+        for (size_t k = j; k > 0 && less(plist[k], plist[k - 1]); --k)
+          std::swap(plist[k], plist[k - 1]);
     }
   }
 
@@ -394,15 +400,15 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
 
     const A f = F * a.scale;
     if (a.ord) {
-      scatter_scaled<A>(v, f, a.ord, x, s, e);
-      for (size_t q = p0; q < p1; ++q) x[plist[q].c] = plist[q].g * a.scale;
+      scale<A>(v, f, s, e);
+      for (size_t q = p0; q < p1; ++q) v[plist[q].posn] = plist[q].g * a.scale;
     } else {
       store_scaled<T, A>(v, f, gr, s, e);
       for (size_t q = p0; q < p1; ++q) gr[plist[q].c] = from_acc<T, A>(plist[q].g * a.scale);
     }
   }
   a.loss[i] = row_loss;
-  if (a.ord) store_row<T, A>(x, gr, C);
+  if (a.ord) store_gathered<T, A>(v, a.inv, gr, C);
 }
 
 template <class T, class A>
@@ -416,18 +422,18 @@ const char* run(const ShlArgs& sa, const int32_t* ord, const int32_t* inv) {
   T* g = static_cast<T*>(sa.grad);
   const int64_t B = a.B, C = a.C;
   int failed = 0;
-  int nt = sa.num_threads;
 #ifdef SHL_WITH_OPENMP
-  if (nt <= 0) nt = omp_get_max_threads();
-#endif
-  (void)nt;
+  const int nt = sa.num_threads > 0 ? sa.num_threads : omp_get_max_threads();
 #pragma omp parallel num_threads(nt) if (nt > 1 && B > 1) reduction(| : failed)
+#endif
   {
     // v is padded by one block: exp_sum's masked lanes past a segment's end stay in bounds.
     AlignedBuf<A> x(a.ord ? C : 0), v(C + L);
     if (v.p) std::fill(v.p + C, v.p + C + L, A(0));
     std::vector<Positive<A>> plist;
+#ifdef SHL_WITH_OPENMP
 #pragma omp for schedule(static)
+#endif
     for (int64_t i = 0; i < B; ++i) {
       if (!x.p || !v.p) {
         failed = 1;
@@ -451,38 +457,59 @@ const char* run(const ShlArgs& sa, const int32_t* ord, const int32_t* inv) {
   return failed ? "shl_fused_cpu: out of memory for the per-thread scratch" : nullptr;
 }
 
+// int32 copies of order and of its inverse (half the index traffic of int64), built after
+// checking that order is a permutation (the kernel indexes with it unchecked). Building
+// costs about as much as a row, so the last order seen by this calling thread is kept and
+// reused when its contents are unchanged (one memcmp).
+struct OrderIndex {
+  std::vector<int64_t> order;
+  std::vector<int32_t> ord, inv;
+};
+
+// Null when order is not a permutation of 0..C-1; may throw std::bad_alloc.
+const OrderIndex* order_index(const int64_t* order, int64_t C) {
+  thread_local OrderIndex cache;
+  const size_t n = static_cast<size_t>(C);
+  if (cache.order.size() == n && std::memcmp(cache.order.data(), order, n * 8) == 0)
+    return &cache;
+  cache.order.clear();  // invalid until fully rebuilt
+  cache.ord.assign(n, 0);
+  cache.inv.assign(n, -1);
+  for (int64_t p = 0; p < C; ++p) {
+    const int64_t c = order[p];
+    if (c < 0 || c >= C || cache.inv[c] >= 0) return nullptr;
+    cache.ord[p] = static_cast<int32_t>(c);
+    cache.inv[c] = static_cast<int32_t>(p);
+  }
+  cache.order.assign(order, order + n);
+  return &cache;
+}
+
 }  // namespace
 
 const char* shl_fused_cpu(const ShlArgs& a) {
   if (a.B < 0 || a.C < 0 || a.m < 0) return "shl_fused_cpu: negative size";
   if (!a.offsets) return "offsets: required";
   if (a.B > 0 && !a.loss) return "loss: required";
-  if (a.B > 0 && a.C > 0 && (!a.z || !a.pos || !a.grad)) return "shl_fused_cpu: z, pos and grad are required";
+  if (a.B > 0 && a.C > 0 && (!a.z || !a.pos || !a.grad))
+    return "shl_fused_cpu: z, pos and grad are required";
   if (a.C > INT32_MAX) return "shl_fused_cpu: more than 2^31 - 1 labels";
   if (a.offsets[0] != 0 || a.offsets[a.m] != a.C) return "offsets: must start at 0 and end at C";
   for (int64_t k = 0; k < a.m; ++k)
     if (a.offsets[k + 1] < a.offsets[k]) return "offsets: must not decrease";
   if (a.B == 0) return nullptr;
 
-  // int32 copies of order and its inverse (halves the index traffic); also checks that
-  // order is a permutation, since the kernel indexes with it unchecked.
-  std::vector<int32_t> ord, inv;
-  if (a.order) {
+  const OrderIndex* idx = nullptr;
+  if (a.order && a.C > 0) {
     try {
-      ord.assign(a.C, 0);
-      inv.assign(a.C, -1);
+      idx = order_index(a.order, a.C);
     } catch (const std::bad_alloc&) {
       return "shl_fused_cpu: out of memory for the order index";
     }
-    for (int64_t p = 0; p < a.C; ++p) {
-      const int64_t c = a.order[p];
-      if (c < 0 || c >= a.C || inv[c] >= 0) return "order: must be a permutation of 0..C-1";
-      ord[p] = static_cast<int32_t>(c);
-      inv[c] = static_cast<int32_t>(p);
-    }
+    if (!idx) return "order: must be a permutation of 0..C-1";
   }
-  const int32_t* o = a.order ? ord.data() : nullptr;
-  const int32_t* iv = a.order ? inv.data() : nullptr;
+  const int32_t* o = idx ? idx->ord.data() : nullptr;
+  const int32_t* iv = idx ? idx->inv.data() : nullptr;
   switch (a.z_dtype) {
     case DType::kF32: return run<float, float>(a, o, iv);
     case DType::kF64: return run<double, double>(a, o, iv);

@@ -16,8 +16,10 @@ def shl_fused_cpu(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                   eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
                   need_grad_eta: bool, grad_out: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Row losses, scaled gradient and (when asked) scaled per-row eta gradient; the
-    kernel reads each row fully before writing its gradient, so grad_out may be z."""
+    """Row losses, scaled gradient and (when asked) scaled per-row eta gradient. The kernel
+    reads every logit before writing the gradient over it, so grad_out may be z. Bad
+    arguments raise ValueError/TypeError naming them; a kernel failure (invalid order or
+    offsets, out of memory) raises RuntimeError with its message."""
     B, C = z.shape
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     loss = torch.empty(B, dtype=acc)

@@ -491,6 +491,24 @@ def test_fp64_acc_dtype_required_for_fp64_z():
         _call(kw)
 
 
+def test_order_changed_in_place_between_calls():
+    """The kernel reuses the index it built for the last order only if its contents match."""
+    seg, z, pos, ign, w, eta, delta = make(3, 50, 4, 0)
+    order = seg.order.clone()
+    args = (z, pos.view(torch.uint8), ign.view(torch.uint8), order, seg.offsets, w, eta, delta,
+            1.0, False)
+    first = shl_fused_cpu(*args)[0]
+    torch.testing.assert_close(first, shl_loss_reference(z, pos, seg, w, eta, delta, ign, "none"))
+    order.copy_(order.flip(0))  # same tensor, same pointer, new segmentation
+    flipped = shl_kernels.Segmentation.from_segments(
+        [order[a:b].tolist() for a, b in pairwise(seg.offsets.tolist())], 50)
+    torch.testing.assert_close(shl_fused_cpu(*args)[0],
+                               shl_loss_reference(z, pos, flipped, w, eta, delta, ign, "none"))
+    order[0] = order[1]  # no longer a permutation
+    with pytest.raises(RuntimeError, match="^order:"):
+        shl_fused_cpu(*args)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("order", torch.tensor([0, 1, 2, 3, 4, 5, 5]), "order"),
     ("order", torch.tensor([0, 1, 2, 3, 4, 5, 7]), "order"),
