@@ -123,6 +123,30 @@ def shl_runners(seg, z, pos, w, eta, backends: list[str]) -> dict[str, Callable]
     return runners
 
 
+def elementwise_runners(loss: str, z, pos, backends: list[str]) -> dict[str, Callable]:
+    """BCE / focal / ASL: fused backends against the torch formulas of baselines.py."""
+    from shl_kernels import baselines
+    from shl_kernels.kernels_elementwise import KINDS, ElemSpec, why_unavailable_elementwise
+
+    public = {"bce": shl.bce_loss, "focal": shl.focal_loss, "asl": shl.asymmetric_loss}[loss]
+    spec = {"bce": ElemSpec(KINDS["bce"]),
+            "focal": ElemSpec(KINDS["focal"], alpha=0.25, gamma=2.0),
+            "asl": ElemSpec(KINDS["asl"], gamma_pos=1.0, gamma_neg=4.0, clip=0.05)}[loss]
+    formula = baselines._TORCH[spec.kind]
+    y = pos.bool()
+
+    def reference(z, y):
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        return baselines._reduce(formula(z.to(acc), y, spec, None, None), "mean", z.dtype)
+
+    runners = {b: (lambda b=b: public(z, pos, backend=b))
+               for b in backends if why_unavailable_elementwise(b) is None}
+    runners["eager"] = lambda: reference(z, y)
+    compiled = torch.compile(reference)
+    runners["torch.compile"] = lambda: compiled(z, y)
+    return runners
+
+
 def run(args) -> list[dict]:
     device = args.device
     dev_name = device_name(device)
@@ -136,10 +160,11 @@ def run(args) -> list[dict]:
                 (b == "cpu") == (device == "cpu")]
     rows, stamp, sha = [], datetime.date.today().isoformat(), commit()
     print(f"device: {dev_name}; backends: {backends}; torch {torch.__version__}")
-    for B, C, m, dtype in shapes:
+    for (B, C, m, dtype), loss in ((s, k) for s in shapes for k in args.losses.split(",")):
         seg, z0, pos, w, eta = make_inputs(B, C, m, dtype, device)
         z = z0.clone().requires_grad_(True)
-        runners = shl_runners(seg, z, pos, w, eta, backends)
+        runners = (shl_runners(seg, z, pos, w, eta, backends) if loss == "shl" else
+                   elementwise_runners(loss, z, pos, backends))
         ms = {}
         for name, fn in runners.items():
             warm = args.warmup + (2 if name == "torch.compile" else 0)
@@ -153,19 +178,20 @@ def run(args) -> list[dict]:
             for base in ("eager", "torch.compile"):
                 if base not in ms:
                     continue
-                rows.append({"benchmark": "shl_fwd_bwd", "backend": b, "baseline": base,
+                rows.append({"benchmark": f"{loss}_fwd_bwd", "backend": b, "baseline": base,
                              "device": dev_name, "dtype": str(dtype).replace("torch.", ""),
                              "B": B, "C": C, "m": seg.num_segments, "ms": round(ms[b], 4),
                              "baseline_ms": round(ms[base], 4),
                              "speedup": round(ms[base] / ms[b], 2), "commit": sha,
                              "date": stamp})
-        print(f"\nB={B} C={C} m={seg.num_segments} {dtype}: " +
+        print(f"\n{loss} B={B} C={C} m={seg.num_segments} {dtype}: " +
               ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
-    print(f"\n{'backend':<8} {'baseline':<14} {'shape':<18} {'dtype':<9} {'ms':>9} "
-          f"{'base ms':>9} {'speedup':>8}")
+    print(f"\n{'loss':<6} {'backend':<8} {'baseline':<14} {'shape':<18} {'dtype':<9} "
+          f"{'ms':>9} {'base ms':>9} {'speedup':>8}")
     for r in rows:
         shape = f"{r['B']}x{r['C']}/{r['m']}"
-        print(f"{r['backend']:<8} {r['baseline']:<14} {shape:<18} {r['dtype']:<9} "
+        print(f"{r['benchmark'].split('_')[0]:<6} {r['backend']:<8} {r['baseline']:<14} "
+              f"{shape:<18} {r['dtype']:<9} "
               f"{r['ms']:>9.3f} {r['baseline_ms']:>9.3f} {r['speedup']:>7.2f}x")
     return rows
 
@@ -176,6 +202,8 @@ def main() -> None:
     p.add_argument("--quick-gpu", action="store_true", help="the H100 shapes of issue 4")
     p.add_argument("--shape", help="B,C,m (overrides the presets)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--losses", default="shl,bce,focal,asl",
+                   help="comma list of shl, bce, focal, asl")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS))
