@@ -14,6 +14,14 @@ def _seg_index(seg: Segmentation, B: int, device) -> torch.Tensor:
     return seg.segment_at_position.to(device).unsqueeze(0).expand(B, -1)
 
 
+def _segment_max(u: torch.Tensor, eta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[B, m] max over each segment's u's and its eta, detached (the results do not depend
+    on the shift, only their rounding does)."""
+    M = torch.full(eta.shape, float("-inf"), dtype=u.dtype, device=u.device)
+    M = M.scatter_reduce(1, idx, u.detach(), "amax", include_self=True)
+    return torch.maximum(M, eta.detach())
+
+
 def shl_loss_reference(z: torch.Tensor, pos: torch.Tensor, seg: Segmentation,
                        w: torch.Tensor | None = None, eta: torch.Tensor | None = None,
                        delta: torch.Tensor | None = None, ign: torch.Tensor | None = None,
@@ -33,10 +41,7 @@ def shl_loss_reference(z: torch.Tensor, pos: torch.Tensor, seg: Segmentation,
     e_eta = e_eta.expand(B, -1)
     idx = _seg_index(seg, B, dev)
     um = u.masked_fill(ig, float("-inf"))  # ignored labels take no part
-    # Max over eta and the segment's u's, detached: the loss does not depend on it.
-    M = torch.full((B, m), float("-inf"), dtype=acc, device=dev)
-    M = M.scatter_reduce(1, idx, um.detach(), "amax", include_self=True)
-    M = torch.maximum(M, e_eta.detach())
+    M = _segment_max(um, e_eta, idx)
     Mg = M.gather(1, idx)
     e = torch.exp(um - Mg)
     en = e.masked_fill(p, 0.0)
@@ -67,8 +72,7 @@ def segment_probs(logits: torch.Tensor, seg: Segmentation,
     eta = (torch.zeros(m, dtype=acc, device=dev) if null_logits is None
            else null_logits.to(acc)).expand(B, -1)
     idx = _seg_index(seg, B, dev)
-    M = torch.full((B, m), float("-inf"), dtype=acc, device=dev)
-    M = torch.maximum(M.scatter_reduce(1, idx, u, "amax", include_self=True), eta)
+    M = _segment_max(u, eta, idx)
     e = torch.exp(u - M.gather(1, idx))
     D = torch.exp(eta - M).scatter_add(1, idx, e)
     p = e / D.gather(1, idx)

@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -112,3 +114,21 @@ def test_nan_propagates_and_huge_logits():
     loss = shl.segmented_harmonic_loss(z, torch.tensor([[1, 0, 0], [0, 0, 0]]), seg,
                                        reduction="none")
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
+
+
+def test_segment_probs_follow_the_spec_formula():
+    gen = torch.Generator().manual_seed(3)
+    seg = shl.Segmentation.from_segments([[4, 0], [2], [1, 3, 5]], 6)
+    z = torch.randn(3, 6, generator=gen, dtype=torch.float64) * 5
+    eta = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    p = shl.segment_probs(z, seg, eta)
+    for i in range(3):
+        for k, members in enumerate([[4, 0], [2], [1, 3, 5]]):
+            denom = math.exp(eta[k]) + sum(math.exp(z[i, c]) for c in members)
+            for c in members:  # original label order in, original label order out
+                assert abs(p[i, c].item() - math.exp(z[i, c]) / denom) < 1e-12
+            null = math.exp(eta[k]) / denom
+            assert abs(sum(p[i, c].item() for c in members) + null - 1) < 1e-12
+    big = shl.segment_probs(torch.full((1, 6), 1000.0), seg)  # max-shifted: no overflow
+    assert torch.isfinite(big).all()
+    torch.testing.assert_close(shl.segment_probs(z, seg), shl.segment_probs(z, seg, eta * 0))
