@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# One-shot check on an H100 (issue 4): build the CUDA extension, run the GPU tests, measure
-# device copy bandwidth, run the loss benchmark, time the Triton kernel's schedules, run the
-# small-shape Triton kernel tests on the GPU.
+# One-shot check on an H100 (issue 4): build the CUDA extension, run the GPU tests (training
+# shapes, then every kernel test file), measure device copy bandwidth, run the loss benchmark,
+# time the Triton kernel's schedules.
 # Every step is timed and bounded; a failing step is reported and the next ones still run.
-# The whole script stays under ~8 minutes. Logs and results go to ${OUT:-benchmarks/results}.
+# The whole script stays under ~8 minutes. Logs and results go to ${OUT:-benchmarks/results}:
+# one log per step plus bench_loss's CSV, 8 files, the most a device run brings back from $OUT.
 # Usage: bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python}"
+# The device image's interpreter with torch is `python3`; a bare `python` may be missing there.
+PY="${PYTHON:-$(command -v python3 || echo python)}"
+# CMake finds nvcc on PATH (SHL_CUDA=1 makes a missing one a build error).
+if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
+# Output of a step killed by its time limit would stay in Python's buffer and be lost.
+export PYTHONUNBUFFERED=1
+# pytest-xdist (in the device image) spreads the many small Triton compiles over the cores.
+XDIST=() XDIST4=()  # expanded as ${X[@]+...}: empty arrays are "unbound" under set -u (bash < 4.4)
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8) XDIST4=(-n 4)
 DEADLINE=$((SECONDS + 460))
 SUMMARY=()
 
@@ -33,21 +44,43 @@ step() {
   SUMMARY+=("$(printf '%-14s %-22s %5ss' "$name" "$status" $((SECONDS - t0)))")
 }
 
-step env 30 bash -c "nvidia-smi -L; nvcc --version | tail -n 1; $PY -c '
-import torch, triton
+step env 30 bash -c "nvidia-smi -L; nvcc --version | tail -n 1; cmake --version | head -n 1; $PY -c '
+import os, sysconfig, torch, triton
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)
-print(torch.cuda.get_device_name(0))'"
+print(torch.cuda.get_device_name(0))
+inc = sysconfig.get_paths()[\"include\"]  # the build needs Python.h
+print(\"Python.h:\", os.path.exists(os.path.join(inc, \"Python.h\")), inc)
+try:
+    import pybind11
+    print(\"pybind11\", pybind11.__version__)
+except ImportError:
+    print(\"pybind11 missing: no native build\")'"
 
-# Build the native extension with the CUDA kernels for sm_90a. The machine is offline: if
-# pybind11/cmake are missing the build fails, and the Triton steps still run.
-TAIL=5 step build 150 env SHL_CUDA=1 SHL_CUDA_ARCH=90a \
-  "$PY" -m pip install --no-build-isolation --no-deps -e .
+# Build the native extension with the CUDA kernels for sm_90 (plain 90, not 90a: the kernels
+# use no wgmma/setmaxnreg, and an older CMake rejects the "a" suffix). The machine is offline: no
+# index, no dependency resolution, no pip self-check (each would wait on the network); if
+# pybind11/cmake are missing the build fails, and the Triton steps still run. setup.py falls
+# back to a system cmake when the pip one is absent.
+TAIL=5 step build 150 env SHL_CUDA=1 SHL_CUDA_ARCH=90 PIP_NO_INPUT=1 \
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check -e .
 if ! grep -q "Successfully installed" "$OUT_DIR/build.log" 2>/dev/null; then
   echo "pip could not build shl_kernels._C (see $OUT_DIR/build.log): CUDA-backend tests skip,"
   echo "Triton continues from the source tree."
 fi
 
-TAIL=25 step gpu_tests 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+# Training shapes, Triton and CUDA backends. With xdist the tests run in 4 processes (their
+# memory checks read each process's own allocator, so they are not disturbed).
+TAIL=25 step gpu_tests 200 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST4[@]+"${XDIST4[@]}"} \
+  tests/test_gpu.py
+
+# Every kernel test file on the GPU: the CUDA kernel's own tests, the small-shape Triton SHL
+# tests (lane and chunk edge cases, tiny BLOCKs) and the GPU backends (cuda, triton) of the
+# elementwise losses. "-k 'cuda or triton'" keeps every test of test_cuda_kernel.py and
+# test_triton_kernel.py (their file names match) and drops the elementwise cpu-backend ones
+# (CI runs those). Many small Triton variants to compile: xdist spreads them over the cores.
+TAIL=15 step kernel_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
+  -k "cuda or triton" tests/test_cuda_kernel.py tests/test_triton_kernel.py \
+  tests/test_elementwise_kernels.py
 
 step copy_bw 40 "$PY" - <<'EOF'
 import statistics
@@ -135,10 +168,6 @@ for B, C, m, dtype in [(4096, 32768, 100, torch.bfloat16), (16, 8192, 64, torch.
         print(f"{shape:<24} {name:>12} {ms:>10.3f} {nbytes / ms / 1e6:>7.0f} {host_us:>13.1f}",
               flush=True)
 EOF
-
-# The small-shape kernel tests (lane and chunk edge cases, tiny BLOCKs) also run on the GPU;
-# last because they compile many small variants.
-TAIL=5 step kernel_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py
 
 echo
 echo "=== summary (logs in $OUT_DIR)"

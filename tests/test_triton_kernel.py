@@ -352,7 +352,7 @@ _AOT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from shl_kernels.triton_shl import _CONFIGS, _shl_kernel
 
-    PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp64": "*fp64"}
+    PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
     OPTIONAL = ["ign_ptr", "order_ptr", "w_ptr", "eta_ptr", "delta_ptr", "geta_ptr"]
 
     def compile_for_h100(zt, has, seg_mode, cfg):
@@ -374,6 +374,7 @@ _AOT = textwrap.dedent("""
     compile_for_h100("bf16", True, False, _CONFIGS[-1])
     compile_for_h100("fp32", False, True, _CONFIGS[0])
     compile_for_h100("fp64", True, True, _CONFIGS[3])
+    compile_for_h100("fp16", False, False, _CONFIGS[1])
     print("compiled")
 """)
 
