@@ -48,6 +48,27 @@ LOSSES = {
     "asl": (shl.asymmetric_loss, {}),
     "asl_detach": (shl.asymmetric_loss, {"detach_focal_weight": True}),
     "asl_noclip": (shl.asymmetric_loss, {"clip": 0.0, "gamma_pos": 0.0, "gamma_neg": 2.0}),
+    # Every variant of the CPU kernel: integer exponents (0..15: by multiplication) or not,
+    # clip > 0 or 0, exponent 0 and 1, eps clamps. Exponents in (0, 1) are left out (see
+    # test_asl_exponents_below_one): the torch formula's 1 - p_t is 0 for saturated pairs,
+    # where d pow(0, g)/dx = inf gives it a NaN gradient.
+    "focal_g3": (shl.focal_loss, {"gamma": 3.0}),
+    "focal_g15": (shl.focal_loss, {"alpha": -1.0, "gamma": 15.0}),
+    "focal_g16": (shl.focal_loss, {"gamma": 16.0}),
+    "asl_int": (shl.asymmetric_loss, {"gamma_pos": 2.0, "gamma_neg": 3.0, "clip": 0.1}),
+    "asl_int_noclip": (shl.asymmetric_loss, {"gamma_pos": 1.0, "gamma_neg": 4.0, "clip": 0.0,
+                                             "detach_focal_weight": True}),
+    "asl_int15": (shl.asymmetric_loss, {"gamma_pos": 7.0, "gamma_neg": 15.0, "clip": 0.0}),
+    "asl_g0": (shl.asymmetric_loss, {"gamma_pos": 0.0, "gamma_neg": 0.0, "clip": 0.05}),
+    "asl_gn1": (shl.asymmetric_loss, {"gamma_pos": 0.0, "gamma_neg": 1.0, "clip": 0.05}),
+    "asl_frac": (shl.asymmetric_loss, {"gamma_pos": 1.5, "gamma_neg": 3.5, "clip": 0.05}),
+    "asl_frac_detach": (shl.asymmetric_loss, {"gamma_pos": 1.5, "gamma_neg": 2.5, "clip": 0.3,
+                                              "detach_focal_weight": True}),
+    "asl_frac_noclip": (shl.asymmetric_loss, {"gamma_pos": 1.5, "gamma_neg": 2.5, "clip": 0.0}),
+    "asl_g16": (shl.asymmetric_loss, {"gamma_pos": 3.0, "gamma_neg": 16.0, "clip": 0.2}),
+    "asl_eps": (shl.asymmetric_loss, {"eps": 0.05}),
+    "asl_eps_frac_noclip": (shl.asymmetric_loss, {"eps": 0.05, "clip": 0.0, "gamma_pos": 1.5,
+                                                  "gamma_neg": 2.5}),
     "cb_bce": (shl.class_balanced_loss, {"counts": True, "beta": 0.99}),
     "cb_focal": (shl.class_balanced_loss, {"counts": True, "beta": 0.999, "loss": "focal"}),
 }
@@ -116,6 +137,31 @@ def test_fused_matches_torch(backend, dtype, name, reduction):
             _close(out_g, ref_g, dtype)
             if ig is not None:
                 assert bool((out_g[ig] == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw", [{"gamma_pos": 0.5, "gamma_neg": 1.5, "clip": 0.05},
+                                {"gamma_pos": 0.25, "gamma_neg": 0.5, "clip": 0.0},
+                                {"gamma_pos": 0.5, "gamma_neg": 0.75, "clip": 0.0,
+                                 "detach_focal_weight": True}],
+                         ids=["gp05", "gp025_gn05_noclip", "gp05_gn075_detach"])
+def test_asl_exponents_below_one(backend, dtype, kw):
+    # Unsaturated logits (1 - p_t > 0 in the torch formula), and no clamped negatives when
+    # gamma_neg < 1, so that the reference gradient is finite.
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(11)
+    z0 = (torch.randn(6, 50, generator=g, dtype=torch.float64) * 4).to(dev, dtype)
+    y = (torch.rand(6, 50, generator=g) < 0.3).to(dev)
+    go = torch.randn(6, 50, generator=g, dtype=torch.float64).to(dev, dtype)
+    out = []
+    for b in ("torch", backend):
+        z = z0.clone().requires_grad_()
+        loss = shl.asymmetric_loss(z, y, reduction="none", backend=b, **kw)
+        (loss * go).sum().backward()
+        out.append((loss.detach(), z.grad))
+    for got, ref in zip(out[1], out[0]):
+        _close(got, ref, dtype)
 
 
 SPECS = [ElemSpec(KINDS["bce"]), ElemSpec(KINDS["focal"], alpha=0.25, gamma=2.0),
@@ -265,3 +311,53 @@ def test_triton_module_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ}, check=True)
     assert out.stdout.strip() == "False"
+
+
+_AOT = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from shl_kernels.triton_elementwise import _elementwise_kernel
+
+PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
+
+def compile_for_h100(zt, kind, has, clip, detach, rows, block_b, block_c, num_warps=4):
+    acc = "*fp64" if zt == "fp64" else "*fp32"
+    sig = dict(z_ptr=PTR[zt], pos_ptr="*u8", ign_ptr="*u8", w_ptr=acc, pw_ptr=acc,
+               par_ptr=acc, part_ptr=acc, lel_ptr=PTR[zt], grad_ptr=PTR[zt], B="i32", C="i32",
+               n_cblocks="i32")
+    const = dict(KIND=kind, DETACH=detach, CLIP=clip, HAS_IGN=has, HAS_W=has, HAS_PW=has,
+                 WRITE_ROWS=rows, WRITE_EL=not rows, WRITE_GRAD=True,
+                 ACC=tl.float64 if zt == "fp64" else tl.float32, BLOCK_B=block_b,
+                 BLOCK_C=block_c)
+    if block_c == 1:  # C == 1 arrives as a constexpr (Triton specialises ints equal to 1)
+        const["C"] = 1
+    if block_b == 1:
+        const["B"] = 1
+    sig.update({n: "constexpr" for n in const})
+    src = triton.compiler.ASTSource(fn=_elementwise_kernel, signature=sig, constexprs=const)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps})
+    assert kernel.asm["cubin"]
+
+# the launcher's tiles: [8, 64] (C=37), [4, 1] (C=1), [4, 1024] (C=601), [1, 1024] (B=1)
+compile_for_h100("fp32", 0, True, False, False, True, 8, 64)
+compile_for_h100("bf16", 1, False, False, False, False, 4, 1)
+compile_for_h100("fp64", 2, True, True, False, True, 4, 1024)
+compile_for_h100("fp16", 2, False, False, True, False, 1, 1024)
+compile_for_h100("fp32", 2, True, True, True, True, 4096, 1)
+print("compiled")
+"""
+
+
+def test_triton_compiles_for_h100():
+    """The interpreter checks no types: compile real sm_90 code (ptxas ships with triton)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
