@@ -57,12 +57,14 @@ def commit() -> str:
         return "unknown"
 
 
-def unequal_segmentation(C: int, m: int, gen: torch.Generator) -> shl.Segmentation:
-    """m segments of very unequal sizes (Dirichlet split), labels shuffled like a real head."""
+def unequal_segmentation(C: int, m: int, gen: torch.Generator,
+                         ordered: bool = False) -> shl.Segmentation:
+    """m segments of very unequal sizes (Dirichlet split), labels shuffled like a real head
+    (ordered=True: a head already in segment order, see Segmentation.reorder_head)."""
     share = torch.distributions.Dirichlet(torch.full((m,), 0.5)).sample()
     sizes = (share * (C - m)).floor().long() + 1
     sizes[0] += C - int(sizes.sum())
-    perm = torch.randperm(C, generator=gen).tolist()
+    perm = (torch.arange(C) if ordered else torch.randperm(C, generator=gen)).tolist()
     segs, start = [], 0
     for s in sizes.tolist():
         segs.append(perm[start:start + s])
@@ -70,10 +72,11 @@ def unequal_segmentation(C: int, m: int, gen: torch.Generator) -> shl.Segmentati
     return shl.Segmentation.from_segments(segs, C)
 
 
-def make_inputs(B: int, C: int, m: int, dtype: torch.dtype, device: str, seed: int = 0):
+def make_inputs(B: int, C: int, m: int, dtype: torch.dtype, device: str, seed: int = 0,
+                ordered: bool = False):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    seg = unequal_segmentation(C, m, gen)
+    seg = unequal_segmentation(C, m, gen, ordered)
     z = (torch.randn(B, C, generator=gen) * 3).to(device=device, dtype=dtype)
     # ~15 positives per row at most one per segment, like a coding model's targets
     pos = torch.zeros(B, C, dtype=torch.bool)
@@ -183,7 +186,8 @@ def run(args) -> list[dict]:
         # over rows: seconds at B=4096, which a time-limited device run cannot spare 4 times).
         if (B, C, m, dtype) not in inputs:
             inputs.clear()
-            inputs[B, C, m, dtype] = make_inputs(B, C, m, dtype, device)
+            inputs[B, C, m, dtype] = make_inputs(B, C, m, dtype, device,
+                                                 ordered=args.segment_ordered)
         seg, z0, pos, w, eta = inputs[B, C, m, dtype]
         z = z0.clone().requires_grad_(True)
         runners = (shl_runners(seg, z, pos, w, eta, backends) if loss == "shl" else
@@ -201,7 +205,8 @@ def run(args) -> list[dict]:
             for base in ("eager", "torch.compile"):
                 if base not in ms:
                     continue
-                rows.append({"benchmark": f"{loss}_fwd_bwd", "backend": b, "baseline": base,
+                name = f"{loss}_segment_ordered" if args.segment_ordered else loss
+                rows.append({"benchmark": f"{name}_fwd_bwd", "backend": b, "baseline": base,
                              "device": dev_name, "dtype": str(dtype).replace("torch.", ""),
                              "B": B, "C": C, "m": seg.num_segments, "ms": round(ms[b], 4),
                              "baseline_ms": round(ms[base], 4),
@@ -229,6 +234,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--losses", default="shl,bce,focal,asl",
                    help="comma list of shl, bce, focal, asl")
+    p.add_argument("--segment-ordered", action="store_true",
+                   help="logits already in segment order (identity-order fast path)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS))
