@@ -95,11 +95,10 @@ def why_unavailable_elementwise(backend: str) -> str | None:
         return f"unknown backend; choose one of {list(BACKENDS)} or 'auto'"
     if backend in _NATIVE_FN:
         ext = native()
-        if ext is None:
-            return ("the native extension shl_kernels._C is not built; reinstall with a C++ "
-                    "compiler and cmake present: pip install --no-build-isolation -e .")
-        if backend == "cuda" and why_unavailable("cuda") is not None:
-            return why_unavailable("cuda")
+        if ext is None or backend == "cuda":  # not built / no CUDA: the SHL kernels' reason
+            reason = why_unavailable(backend)
+            if reason is not None:
+                return reason
         if not hasattr(ext, _NATIVE_FN[backend]):
             return (f"this build of shl_kernels._C has no {backend} elementwise kernel; "
                     "rebuild from a full checkout: pip install --no-build-isolation -e .")
