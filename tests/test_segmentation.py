@@ -115,6 +115,23 @@ def test_parallel_path_matches_serial(monkeypatch):
         _assert_same(shl.segment_labels(docs, C, tau=0.02), serial)
 
 
+def test_chunked_conflicts_match_one_chunk(monkeypatch):
+    """The scratch normally holds all labels (one chunk, read in place by the greedy);
+    a tiny scratch forces chunks, compaction and labels larger than the scratch."""
+    rng = np.random.default_rng(2)
+    C, N = 400, 2000
+    p = 1.0 / np.arange(1, C + 1) ** 0.9
+    docs = [rng.choice(C, size=rng.integers(0, 14), p=p / p.sum()).tolist() for _ in range(N)]
+    for tau in (0.0, 0.05):
+        one = shl.segment_labels(docs, C, tau=tau)
+        monkeypatch.setattr(segment_numba, "_SCRATCH_PER_NNZ", 0)
+        for scratch in (1, 300, 4000):
+            monkeypatch.setattr(segment_numba, "_SCRATCH", scratch)
+            _assert_same(shl.segment_labels(docs, C, tau=tau), one)
+        monkeypatch.undo()
+        _assert_same(one, segment_labels_python(docs, C, tau=tau))
+
+
 # --- SPEC section 2 properties at a larger size ---------------------------------------
 
 def _zipf_csr(N: int, C: int, seed: int) -> sp.csr_array:
