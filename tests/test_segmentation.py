@@ -101,6 +101,17 @@ def test_matches_oracle_larger_zipf():
         _assert_same(shl.segment_labels(docs, C, **kw), segment_labels_python(docs, C, **kw))
 
 
+def test_column_scan_stops_when_all_earlier_labels_found():
+    # at tau = 0 the scan of a label stops once it has met every earlier label: label 3
+    # (rank 3) meets 0, 1, 2 on its first document, so its later documents are skipped;
+    # label 4 never meets label 2 and must scan all its documents
+    docs = ([[0, 1, 2, 3]] * 3 + [[0, 1, 2]] * 3 + [[0, 1, 3, 4]] * 2 + [[0, 4], [1, 4]]
+            + [[0], [0], [1]])
+    fast = shl.segment_labels(docs, 5)
+    _assert_same(fast, segment_labels_python(docs, 5))
+    assert fast.stats.num_cooccurring_pairs == 9
+
+
 def test_parallel_path_matches_serial(monkeypatch):
     rng = np.random.default_rng(1)
     C, N = 500, 3000
