@@ -12,7 +12,10 @@ from contextlib import contextmanager
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # Labels are dealt to blocks cyclically so that the Zipf-skewed work per label spreads
 # evenly over threads (static prange chunks would give one thread all frequent labels).
@@ -21,10 +24,35 @@ _BLOCKS_PER_THREAD = 8
 # _SCRATCH_PER_NNZ per (document, label) pair (O(nnz), so that one chunk usually does).
 _SCRATCH = 1 << 22
 _SCRATCH_PER_NNZ = 4
+# Column entries ahead whose document row is prefetched (measured: 2 takes
+# _earlier_conflicts from ~36 to ~27 ms on the benchmark; 1 to 8 all within 2 ms).
+_AHEAD = 2
 _INSERTION_MAX = 32  # rows up to this length are sorted in place, longer ones by np.sort
 # Below this many (document, label) pairs the kernels run on one thread: waking the pool
 # costs more than the work (measured up to ~15 ms per parallel call on a 2-vCPU VM).
 PARALLEL_MIN_NNZ = 1 << 20
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to start loading arr[idx] into cache (llvm.prefetch: read, keep).
+
+    The scans below jump to a random document row per column entry: the row is a cache
+    miss that out-of-order execution overlaps only with the next entry or so. Asking for
+    the row of an entry a couple of places ahead hides that latency. A hint only: never
+    faults, so idx may point anywhere inside the array.
+    """
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]],
+                                       wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(arr, types.intp), codegen
 
 
 @contextmanager
@@ -89,7 +117,7 @@ def _label_counts(indptr, indices, num_labels, row_split):
 
 
 @njit(cache=True, parallel=True)
-def _rank_layout(indptr, indices, rank, start, row_split, doc, entry):
+def _rank_layout(indptr, indices, rank, start, row_split, doc, entry, ridx, before):
     """Both views of the label matrix in rank space, by two counting-sort passes, O(nnz).
 
     Pass 1 buckets the documents by the rank of each label: CSC in rank order, documents
@@ -102,17 +130,15 @@ def _rank_layout(indptr, indices, rank, start, row_split, doc, entry):
     Both passes run on the row parts of _label_counts: part p owns the slice
     [start[p, j], start[p + 1, j]) of every CSC column j (documents ascend within a
     column), so the parts never write the same slot. start[T] is the CSC colptr.
-    Returns (ridx, entry, before, bound[T, C]); bound summed over parts is the number of
-    pair instances (document, earlier label) of rank j, >= its distinct pairs.
+    Fills ridx, entry, before (nnz slots each; allocated by the caller) and returns
+    bound[T, C]; bound summed over parts is the number of pair instances (document,
+    earlier label) of rank j, >= its distinct pairs.
     Rows must hold no duplicate ids (canonical CSR). doc: scratch of nnz document ids.
     entry: output of nnz slots, int32 when nnz < 2**31 (it is written and read once per
     (document, label) pair: int64 cost ~4 ms more on the benchmark).
     """
     T = row_split.size - 1
     C = rank.size
-    nnz = indices.size
-    ridx = np.empty(nnz, np.int32)  # int32 ranks: half the traffic of the random row reads
-    before = np.empty(nnz, np.int32)
     bound = np.zeros((T, C), np.int64)
     for p in prange(T):
         pos = start[p].copy()
@@ -124,16 +150,21 @@ def _rank_layout(indptr, indices, rank, start, row_split, doc, entry):
         i0 = row_split[p]
         fill = indptr[i0:row_split[p + 1]].copy()  # next free slot of each row of the part
         b = bound[p]
+        q1 = start[p + 1, C - 1]
         for j in range(C):
+            acc = 0  # in a register: b[j] += ... would chain a store and load per entry
             for q in range(start[p, j], start[p + 1, j]):
+                if q + _AHEAD < q1:  # the write to ridx below is a cache miss
+                    _prefetch(ridx, fill[doc[q + _AHEAD] - i0])
                 i = doc[q]
                 t = fill[i - i0]
                 fill[i - i0] = t + 1
                 ridx[t] = j
                 entry[q] = t
                 before[q] = t - indptr[i]
-                b[j] += t - indptr[i]
-    return ridx, entry, before, bound
+                acc += t - indptr[i]
+            b[j] = acc
+    return bound
 
 
 @njit(cache=True, parallel=True)
@@ -161,8 +192,11 @@ def _earlier_conflicts(ridx, colptr, entry, before, counts, tau, j0, j1, buf_ptr
             # (always for tau = 0) every co-occurring k conflicts and M_jk need not be
             # counted. The same float64 division as the Python implementation keeps
             # "s_jk > tau" bit-identical.
+            c1 = colptr[j + 1]
             if nj > 0 and 1 / nj > tau:
-                for t in range(colptr[j], colptr[j + 1]):
+                for t in range(colptr[j], c1):
+                    if t + _AHEAD < c1:
+                        _prefetch(ridx, entry[t + _AHEAD] - before[t + _AHEAD])
                     for u in range(entry[t] - before[t], entry[t]):
                         k = ridx[u]
                         buf[base + nt] = k
@@ -176,7 +210,9 @@ def _earlier_conflicts(ridx, colptr, entry, before, counts, tau, j0, j1, buf_ptr
                 deg[j] = nt
                 cooc[j] = nt
                 continue
-            for t in range(colptr[j], colptr[j + 1]):
+            for t in range(colptr[j], c1):
+                if t + _AHEAD < c1:
+                    _prefetch(ridx, entry[t + _AHEAD] - before[t + _AHEAD])
                 for u in range(entry[t] - before[t], entry[t]):
                     k = ridx[u]
                     buf[base + nt] = k  # the distinct k, in buf until filtered below
@@ -287,10 +323,13 @@ def _conflict_lists(indptr, indices, num_labels: int, tau: float):
     start = np.zeros((T + 1, C), np.int64)  # start[p, j]: part p's first CSC slot in column j
     np.cumsum(part[:, visit], axis=0, out=start[1:])
     start += colptr[:-1]
-    doc = np.empty(indices.size, np.int32 if indptr.size <= 2**31 else np.int64)
     entry = np.empty(indices.size, np.int32 if indices.size < 2**31 else np.int64)
-    ridx, entry, before, bound = _rank_layout(indptr, indices, rank, start, row_split, doc,
-                                              entry)
+    # Allocated here, not in the kernel: numpy asks for transparent huge pages on large
+    # arrays, Numba's allocator does not (first touch of 4 KiB pages: ~2x the cost).
+    ridx = np.empty(indices.size, np.int32)  # int32 ranks: half the traffic of row reads
+    before = np.empty(indices.size, np.int32)
+    doc = np.empty(indices.size, np.int32 if indptr.size <= 2**31 else np.int64)
+    bound = _rank_layout(indptr, indices, rank, start, row_split, doc, entry, ridx, before)
     bound = bound.sum(axis=0)
     # Slots for rank j's neighbours: at most its pair instances, at most the j earlier
     # labels, plus the one spare store of the branch-free scan (see _earlier_conflicts).
