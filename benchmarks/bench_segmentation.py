@@ -21,7 +21,6 @@ import datetime
 import re
 import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import scipy.sparse as sp
+from bench_loss import commit  # one git-commit helper for every benchmark CSV
 
 import shl_kernels as shl
 from shl_kernels import segment_numba
@@ -63,14 +63,6 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def host() -> str:
