@@ -59,8 +59,6 @@ SHL_HD float m_log1p(float x) { return log1pf(x); }
 SHL_HD double m_log1p(double x) { return log1p(x); }
 SHL_HD float m_abs(float x) { return fabsf(x); }
 SHL_HD double m_abs(double x) { return fabs(x); }
-SHL_HD float m_pow(float x, float y) { return powf(x, y); }
-SHL_HD double m_pow(double x, double y) { return pow(x, y); }
 template <class T>
 SHL_HD T m_max0(T x) { return x > T(0) ? x : T(0); }  // NaN -> 0: callers add a NaN-carrying term
 

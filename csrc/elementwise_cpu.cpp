@@ -23,11 +23,9 @@ extern "C" {
 float expf(float) SHL_SIMD_MATH;
 float logf(float) SHL_SIMD_MATH;
 float log1pf(float) SHL_SIMD_MATH;
-float powf(float, float) SHL_SIMD_MATH;
 double exp(double) SHL_SIMD_MATH;
 double log(double) SHL_SIMD_MATH;
 double log1p(double) SHL_SIMD_MATH;
-double pow(double, double) SHL_SIMD_MATH;
 }
 #endif
 #endif
