@@ -131,6 +131,10 @@ def segmented_harmonic_loss(logits: torch.Tensor, targets, seg: Segmentation, *,
         if inplace and name == "torch":
             raise ValueError("inplace: needs a fused backend ('cpu', 'triton' or 'cuda')")
         return shl_loss_reference(logits, pos, seg, w, eta, delta, ign, reduction)
+    if w is not None and w.requires_grad and torch.is_grad_enabled():
+        raise ValueError("label_weights: requires grad, but the fused backends treat label "
+                         "weights as constants; pass label_weights.detach() or use "
+                         "backend='torch' to learn them")
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     order, offsets = _seg_tensors(seg, logits.device)
 

@@ -179,3 +179,13 @@ def test_fused_gradcheck_and_inplace(backend):
     expect = shl.segmented_harmonic_loss(z.detach(), t, seg, backend="torch")
     torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)
     torch.testing.assert_close(buf, ref.grad, rtol=1e-12, atol=1e-15)  # gradient in place
+
+
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b != "torch"])
+def test_fused_backends_refuse_learnable_weights(backend):
+    w = torch.ones(4, requires_grad=True)
+    with pytest.raises(ValueError, match="label_weights: requires grad"):
+        _call(label_weights=w, backend=backend)
+    _call(label_weights=w.detach(), backend=backend)  # constants are fine
+    _call(label_weights=w, backend="torch").backward()  # the reference learns them
+    assert w.grad is not None
