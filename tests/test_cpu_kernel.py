@@ -102,6 +102,9 @@ SHAPES = [  # (B, C, m, segment sizes or None = random)
     (5, 100, 7, None),
     (3, 5000, 3, [4500, 1, 499]),   # a segment of > 4096 labels
     (7, 257, 19, None),             # C not a multiple of 8 or 16
+    (4, 300, 20, [120, 60, 30, 20, 12, 9, 8, 8, 6, 5, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1]),
+                                    # realistic mix: a few big segments, many small ones
+    (2, 300, 300, None),            # all singletons, more than one vector block of them
 ]
 
 
