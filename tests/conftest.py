@@ -1,8 +1,28 @@
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 # Triton runs on CPU only through its interpreter, which must be chosen before any
 # @triton.jit decorator runs (i.e. before shl_kernels' Triton modules are imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def compile_sm90():
+    """Runs a script that compiles Triton kernels to real sm_90 code (ptxas ships with
+    triton) in a fresh interpreter without TRITON_INTERPRET: the interpreter checks no types.
+    The script must print "compiled" when every kernel compiled."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+
+    def run(script: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        res = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+    return run
