@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.dlpack import to_dlpack
 
 
 class FusedKernel(Protocol):
@@ -29,6 +30,23 @@ class FusedKernel(Protocol):
         grad_out: where to write grad (z itself for in-place; must then be safe to alias z);
         None = allocate. Every output element must be written (callers may pass torch.empty)."""
         ...
+
+
+def kernel_outputs(z: torch.Tensor, offsets: torch.Tensor, need_grad_eta: bool,
+                   grad_out: torch.Tensor | None = None):
+    """Uninitialised (loss_rows, grad, grad_eta_rows) for a FusedKernel, on z's device."""
+    B, C = z.shape
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    loss = torch.empty(B, dtype=acc, device=z.device)
+    grad = torch.empty((B, C), dtype=z.dtype, device=z.device) if grad_out is None else grad_out
+    grad_eta = (torch.empty((B, offsets.numel() - 1), dtype=acc, device=z.device)
+                if need_grad_eta else None)
+    return loss, grad, grad_eta
+
+
+def capsule(t: torch.Tensor | None):
+    """DLPack capsule for the native bindings (None stays None: an absent optional input)."""
+    return None if t is None else to_dlpack(t)
 
 
 class FusedSHL(torch.autograd.Function):

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.dlpack import to_dlpack
 
 from . import _C
-
-
-def _cap(t: torch.Tensor | None):
-    return None if t is None else to_dlpack(t)
+from .fused import capsule, kernel_outputs
 
 
 def shl_fused_cpu(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
@@ -20,12 +16,8 @@ def shl_fused_cpu(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
     reads every logit before writing the gradient over it, so grad_out may be z. Bad
     arguments raise ValueError/TypeError naming them; a kernel failure (invalid order or
     offsets, out of memory) raises RuntimeError with its message."""
-    B, C = z.shape
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    loss = torch.empty(B, dtype=acc)
-    grad = torch.empty((B, C), dtype=z.dtype) if grad_out is None else grad_out
-    grad_eta = torch.empty((B, offsets.numel() - 1), dtype=acc) if need_grad_eta else None
-    _C.shl_fused_cpu(_cap(z), _cap(pos), _cap(ign), _cap(order), _cap(offsets), _cap(w),
-                     _cap(eta), _cap(delta), float(grad_scale), _cap(loss), _cap(grad),
-                     _cap(grad_eta), torch.get_num_threads())
+    loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
+    c = capsule
+    _C.shl_fused_cpu(c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta),
+                     float(grad_scale), c(loss), c(grad), c(grad_eta), torch.get_num_threads())
     return loss, grad, grad_eta

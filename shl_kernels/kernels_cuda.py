@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.dlpack import to_dlpack
 
 from .backends import native
+from .fused import capsule, kernel_outputs
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -24,24 +24,15 @@ def cuda_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _dl(t: torch.Tensor | None):
-    return None if t is None else to_dlpack(t)
-
-
 def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                    order: torch.Tensor | None, offsets: torch.Tensor, w: torch.Tensor | None,
                    eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
                    need_grad_eta: bool, grad_out: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """FusedKernel on CUDA tensors (see fused.FusedKernel); runs on z's current stream."""
-    B, C = z.shape
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    loss = torch.empty(B, dtype=acc, device=z.device)
-    grad = torch.empty((B, C), dtype=z.dtype, device=z.device) if grad_out is None else grad_out
-    grad_eta = (torch.empty((B, offsets.numel() - 1), dtype=acc, device=z.device)
-                if need_grad_eta else None)
+    loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
+    c = capsule
     native().shl_fused_cuda(
-        to_dlpack(z), to_dlpack(pos), _dl(ign), _dl(order), to_dlpack(offsets), _dl(w), _dl(eta),
-        _dl(delta), float(grad_scale), to_dlpack(loss), to_dlpack(grad), _dl(grad_eta),
-        torch.cuda.current_stream(z.device).cuda_stream)
+        c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
+        c(loss), c(grad), c(grad_eta), torch.cuda.current_stream(z.device).cuda_stream)
     return loss, grad, grad_eta

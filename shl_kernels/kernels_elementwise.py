@@ -12,10 +12,9 @@ from typing import Protocol
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils.dlpack import to_dlpack
 
 from .backends import BACKENDS, native, resolve, why_unavailable
-from .fused import Recompute, take_grad
+from .fused import Recompute, capsule, take_grad
 
 KINDS = {"bce": 0, "focal": 1, "asl": 2}
 _NATIVE_FN = {"cpu": "elementwise_fused_cpu", "cuda": "elementwise_fused_cuda"}
@@ -47,14 +46,10 @@ class ElementwiseKernel(Protocol):
         ...
 
 
-def _cap(t: torch.Tensor | None):
-    return None if t is None else to_dlpack(t.detach())
-
-
 def _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows, loss_el, grad):
     kind, alpha, gamma, gamma_pos, gamma_neg, clip, eps, detach = astuple(spec)
-    return ((_cap(z), _cap(pos), _cap(ign), _cap(weight), _cap(pos_weight), _cap(loss_rows),
-             _cap(loss_el), _cap(grad)),
+    return ((capsule(z), capsule(pos), capsule(ign), capsule(weight), capsule(pos_weight), capsule(loss_rows),
+             capsule(loss_el), capsule(grad)),
             {"kind": kind, "alpha": alpha, "gamma": gamma, "gamma_pos": gamma_pos,
              "gamma_neg": gamma_neg, "clip": clip, "eps": eps, "detach": detach,
              "grad_scale": float(grad_scale)})
