@@ -50,6 +50,10 @@ def slug(name: str) -> str:
 
 
 def commit() -> str:
+    """Short commit of the code measured (GIT_COMMIT overrides: a device run's copy of the
+    tree may carry an older .git)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check on an H100 (issue 4): build the CUDA extension, run the GPU tests (training
 # shapes, then every kernel test file), measure device copy bandwidth, run the loss benchmark,
-# time the Triton kernel's schedules.
+# measure the kernels' own time and bandwidth (benchmarks/kernel_bandwidth.py).
+# Knobs for a targeted rerun: STEPS, DEVICE_SECONDS, BENCH_LOSSES, KERNEL_TESTS_K, GIT_COMMIT.
 # Every step is timed and bounded; a failing step is reported and the next ones still run.
 # The whole script stays under ~8 minutes. Logs and results go to ${OUT:-benchmarks/results}:
 # one log per step plus bench_loss's CSV, 8 files, the most a device run brings back from $OUT.
@@ -95,7 +96,8 @@ print(f"clone of 1 GiB: median {ms:.3f} ms = {2 * (1 << 30) / ms / 1e6:.0f} GB/s
 EOF
 
 if [[ -f benchmarks/bench_loss.py ]]; then
-  TAIL=12 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --quick-gpu
+  TAIL=12 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --quick-gpu \
+    --losses "${BENCH_LOSSES:-shl,bce,focal,asl}"
 else
   SUMMARY+=("$(printf '%-14s %-22s %5s' bench_loss "skipped: no script" -)")
 fi
@@ -111,69 +113,12 @@ TAIL=25 step gpu_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST4[@
 # test_triton_kernel.py (their file names match) and drops the elementwise cpu-backend ones
 # (CI runs those). Many small Triton variants to compile: xdist spreads them over the cores.
 TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
-  -k "cuda or triton" tests/test_cuda_kernel.py tests/test_triton_kernel.py \
+  -k "${KERNEL_TESTS_K:-cuda or triton}" tests/test_cuda_kernel.py tests/test_triton_kernel.py \
   tests/test_elementwise_kernels.py
 
-# Kernel-only time of the Triton schedules (window: 0 = program per (row, segment), W =
-# per W-position window, "row" = per row), to pick the default. Autotuning happens in warm-up.
-TAIL=20 step triton_sched 60 "$PY" - <<'EOF'
-import statistics
-import time
-
-import torch
-
-from shl_kernels import Segmentation
-from shl_kernels.triton_shl import _default_window, shl_fused_triton
-
-
-def problem(B, C, m, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    share = torch.distributions.Dirichlet(torch.full((m,), 0.5)).sample()
-    sizes = (share * (C - m)).floor().long() + 1
-    sizes[0] += C - int(sizes.sum())
-    perm = torch.randperm(C, generator=gen).tolist()
-    segs, at = [], 0
-    for s in sizes.tolist():
-        segs.append(perm[at:at + s])
-        at += s
-    seg = Segmentation.from_segments(segs, C)
-    z = (torch.randn(B, C, device="cuda") * 3).to(dtype)
-    pos = (torch.rand(B, C, device="cuda") < 15 / C).view(torch.uint8)
-    acc = torch.float32
-    return (z, pos, None, seg.order.cuda(), seg.offsets.cuda(),
-            torch.rand(C, device="cuda", dtype=acc) + 0.5, torch.zeros(m, device="cuda"), None)
-
-
-print(f"{'shape':<24} {'window':>12} {'kernel ms':>10} {'GB/s':>7} {'host us/call':>13}")
-for B, C, m, dtype in [(4096, 32768, 100, torch.bfloat16), (16, 8192, 64, torch.float32)]:
-    args = problem(B, C, m, dtype)
-    z = args[0]
-    nbytes = B * C * (2 * z.element_size() + 1)  # read z and pos, write grad
-    default = _default_window(B, C, m, z.device)
-    for window in (None, 0, 1024, 4096, 1 << 30):
-        def call():
-            return shl_fused_triton(*args, 1.0 / B, True, window=window)
-        for _ in range(3):
-            call()
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        t0 = time.perf_counter()
-        for _ in range(50):
-            call()
-        torch.cuda.synchronize()
-        host_us = (time.perf_counter() - t0) / 50 * 1e6
-        ms = statistics.median(times)
-        name = {None: f"auto={default}", 0: "segment", 1 << 30: "row"}.get(window, str(window))
-        shape = f"{B}x{C}/{m} {str(dtype)[6:]}"
-        print(f"{shape:<24} {name:>12} {ms:>10.3f} {nbytes / ms / 1e6:>7.0f} {host_us:>13.1f}",
-              flush=True)
-EOF
+# Kernel-only time and bandwidth of every SHL kernel (CUDA staged / unstaged, Triton), in
+# shuffled and in segment order, against the copy bandwidth.
+TAIL=20 step kernel_bw 90 "$PY" benchmarks/kernel_bandwidth.py
 
 echo
 echo "=== summary (logs in $OUT_DIR)"

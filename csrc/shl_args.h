@@ -25,6 +25,11 @@ struct ShlArgs {
   void* grad = nullptr;              // out [B, C] z dtype: grad_scale * dl_i/dz, original order
   void* grad_eta = nullptr;          // out [B, m] acc: grad_scale * dl_i/deta_k; null = skip
   int num_threads = 0;               // CPU: OpenMP threads (0 = runtime default)
+  // CUDA only: [C] segment position of each original id (the inverse of order), which lets
+  // the kernel stage a row in shared memory in segment order; null with a non-null order
+  // = no staging. cuda_staging = 0 forces the unstaged kernel (tests, comparisons).
+  const int32_t* position = nullptr;
+  int cuda_staging = 1;
 };
 
 // Returns nullptr on success, else a static error message.

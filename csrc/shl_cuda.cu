@@ -1,8 +1,11 @@
 // CUDA backend of the fused SHL kernel: loss rows and gradients of SPEC section 3 in one
 // launch; the contract (scaling, label order, nullable inputs) is in shl_args.h.
 //
-// Design: one block per row (grid-stride over rows). Warp w takes the row's segments
-// k = w (mod kWarps), 32 at a time (one per lane), so the large segments, usually few,
+// Design: one block per row (grid-stride over rows). When the row fits shared memory
+// (C * (sizeof(z) + 1) bytes: bf16 up to ~77k labels on sm_90) it is staged there in
+// segment order, read and written coalesced (shl_staged_kernel); otherwise the segments
+// gather from global memory (shl_fused_kernel). Either way warp w takes the row's segments
+// k = w (mod warps), 32 at a time (one per lane), so the large segments, usually few,
 // spread over the warps. A segment of at most kSmall labels is handled by its lane
 // alone, a larger one by the whole warp (lane-strided loops, shuffle reductions):
 // singleton segments do not waste a warp and 10k-label segments still get 32 lanes.
@@ -40,6 +43,7 @@ struct Params {
   const uint8_t* __restrict__ pos;
   const uint8_t* __restrict__ ign;
   const int64_t* __restrict__ order;
+  const int32_t* __restrict__ position;
   const int64_t* __restrict__ offsets;
   const A* __restrict__ w;
   const A* __restrict__ eta;
@@ -86,34 +90,87 @@ __device__ __forceinline__ V group_sum(V v) {
   return v;
 }
 
+// Where segment position p of one row lives. Both views give the same four things:
+// get(p) -> Elem (ignored / positive), u(p, e) = z + delta (only read where needed),
+// weight(p, e), put(p, e, g) (stores grad_scale * g).
+struct Elem {
+  bool ign, pos;
+  int64_t id;  // original label id (GlobalRow only; StagedRow looks it up when needed)
+};
+
+// Straight from global memory: position p is column order[p] of the row (a gather).
 template <class T, class A>
-__device__ __forceinline__ A load_u(const Params<T, A>& P, int64_t i, int64_t id) {
-  const A z = to_acc(P.z[i]);
-  return P.delta ? z + P.delta[id] : z;
-}
+struct GlobalRow {
+  const Params<T, A>& P;
+  int64_t base;  // row * C
+  __device__ __forceinline__ Elem get(int64_t p) const {
+    Elem e;
+    e.id = P.order ? P.order[p] : p;
+    const int64_t i = base + e.id;
+    e.ign = P.ign && P.ign[i];
+    e.pos = !e.ign && P.pos[i];
+    return e;
+  }
+  __device__ __forceinline__ A u(int64_t, const Elem& e) const {
+    const A z = to_acc(P.z[base + e.id]);
+    return P.delta ? z + P.delta[e.id] : z;
+  }
+  __device__ __forceinline__ A weight(int64_t, const Elem& e) const {
+    return P.w ? P.w[e.id] : A(1);
+  }
+  __device__ __forceinline__ void put(int64_t, const Elem& e, A g) const {
+    store(&P.grad[base + e.id], g * P.scale);
+  }
+};
+
+// From the row staged in shared memory in segment order (see shl_staged_kernel): z as T and
+// a status byte (bit 0 positive, bit 1 ignored); the gradient replaces z there.
+template <class T, class A>
+struct StagedRow {
+  const Params<T, A>& P;
+  T* zs;
+  const uint8_t* st;
+  __device__ __forceinline__ int64_t id(int64_t p) const { return P.order ? P.order[p] : p; }
+  __device__ __forceinline__ Elem get(int64_t p) const {
+    Elem e;
+    const uint8_t s = st[p];
+    e.ign = s & 2;
+    e.pos = !e.ign && (s & 1);
+    e.id = -1;
+    return e;
+  }
+  __device__ __forceinline__ A u(int64_t p, const Elem&) const {
+    const A z = to_acc(zs[p]);
+    return P.delta ? z + P.delta[id(p)] : z;
+  }
+  __device__ __forceinline__ A weight(int64_t p, const Elem&) const {
+    return P.w ? P.w[id(p)] : A(1);
+  }
+  __device__ __forceinline__ void put(int64_t p, const Elem&, A g) const {
+    store(&zs[p], g * P.scale);
+  }
+};
 
 // Segment k of `row`, handled by G lanes (G = 1 or a full warp, lane in [0, G)).
 // Writes the segment's gradients and grad_eta; returns its loss (valid in lane 0).
-template <int G, class T, class A>
-__device__ A segment(const Params<T, A>& P, int64_t row, int64_t k, int lane) {
+template <int G, class T, class A, class Row>
+__device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, int64_t k, int lane) {
   const int64_t s0 = P.offsets[k], s1 = P.offsets[k + 1];
-  const int64_t base = row * P.C;
   const A eta = P.eta ? P.eta[k] : A(0);
 
   // Pass 1: max over eta and non-ignored u's; s = sum over negatives of exp(u - M).
   A M = eta, s = 0;
   int any_pos = 0;
   for (int64_t p = s0 + lane; p < s1; p += G) {
-    const int64_t id = P.order ? P.order[p] : p;
-    const int64_t i = base + id;
-    if (P.ign && P.ign[i]) continue;
-    const A u = load_u(P, i, id);
+    const Elem e = R.get(p);
+    if (e.ign) continue;
+    const A u = R.u(p, e);
     const A Mn = nan_max(M, u);
     if (!(Mn == M)) {
       s *= exp_(M - Mn);
       M = Mn;
     }
-    if (P.pos[i]) {
+    if (e.pos) {
       any_pos = 1;
     } else {
       s += exp_(u - M);  // u = M = +inf gives NaN, as in the reference
@@ -133,11 +190,9 @@ __device__ A segment(const Params<T, A>& P, int64_t row, int64_t k, int lane) {
     loss = 0;
     S = 0;
     for (int64_t p = s0 + lane; p < s1; p += G) {
-      const int64_t id = P.order ? P.order[p] : p;
-      const int64_t i = base + id;
-      if ((P.ign && P.ign[i]) || !P.pos[i]) continue;
-      const A u = load_u(P, i, id);
-      const A wp = P.w ? P.w[id] : A(1);
+      const Elem e = R.get(p);
+      if (!e.pos) continue;
+      const A u = R.u(p, e), wp = R.weight(p, e);
       const A D = Aden + exp_(u - M);
       loss += wp * (log_(D) + M - u);
       S += wp / D;
@@ -149,61 +204,145 @@ __device__ A segment(const Params<T, A>& P, int64_t row, int64_t k, int lane) {
     S = A(1) / Aden;
   }
 
-  // Pass 3: gradients (negatives: exp(u - M) * S; positives: -w_p * A / D_p).
+  // Pass 3: gradients (negatives: exp(u - M) * S; positives: -w_p * A / D_p). Each element
+  // is read before it is written, by the same lane: grad may alias z.
   for (int64_t p = s0 + lane; p < s1; p += G) {
-    const int64_t id = P.order ? P.order[p] : p;
-    const int64_t i = base + id;
+    const Elem e = R.get(p);
     A g = 0;
-    if (!(P.ign && P.ign[i])) {
-      const A u = load_u(P, i, id);  // read z before grad (which may be z) is written
-      const A e = exp_(u - M);
-      if (P.pos[i]) {
-        const A wp = P.w ? P.w[id] : A(1);
-        g = -wp * Aden / (Aden + e);
-      } else {
-        g = e * S;
-      }
+    if (!e.ign) {
+      const A ex = exp_(R.u(p, e) - M);
+      g = e.pos ? -R.weight(p, e) * Aden / (Aden + ex) : ex * S;
     }
-    store(&P.grad[i], g * P.scale);
+    R.put(p, e, g);
   }
   if (P.grad_eta && lane == 0)  // exp(eta) S, minus 1 for the null event
     P.grad_eta[row * P.m + k] = (e_eta * S - (any_pos ? A(0) : A(1))) * P.scale;
   return loss;
 }
 
-// At least 4 blocks per SM lets ptxas use up to 64 registers: 48 (fp32 accumulation, 5
-// blocks/SM) and 56 (fp64, 4 blocks/SM) on sm_80/sm_90, no spills; with a bare bound of 256
-// it squeezed to 40 registers and spilled.
+// The row's segments over the block's NT threads: warp w takes segments k = w (mod NT/32),
+// 32 at a time (one per lane), so the large segments, usually few, spread over the warps.
+// A segment of at most kSmall labels is handled by its lane alone, a larger one by the
+// whole warp. Writes loss[row] (block-wide sum in a fixed order: deterministic); ends with
+// a __syncthreads, so the row's gradient writes are visible to the whole block.
+template <int NT, class T, class A, class Row>
+__device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row, A* warp_loss) {
+  constexpr int kW = NT / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  A acc = 0;
+  // Lane l of warp w, round j: segment k = w + kW (32 j + l).
+  for (int64_t first = warp; first < P.m; first += NT) {
+    const int64_t k = first + int64_t(kW) * lane;
+    const bool valid = k < P.m;
+    const bool small = valid && P.offsets[k + 1] - P.offsets[k] <= kSmall;
+    if (small) acc += segment<1>(P, R, row, k, 0);
+    unsigned big = __ballot_sync(kFull, valid && !small);
+    while (big) {  // warp-uniform: the whole warp takes each large segment in turn
+      const int b = __ffs(big) - 1;
+      big &= big - 1;
+      const A l = segment<32>(P, R, row, first + int64_t(kW) * b, lane);
+      if (lane == 0) acc += l;
+    }
+  }
+  acc = group_sum<32>(acc);
+  if (lane == 0) warp_loss[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A total = 0;
+    for (int j = 0; j < kW; ++j) total += warp_loss[j];
+    P.loss[row] = total;
+  }
+  __syncthreads();  // warp_loss is reused by the next row
+}
+
+// Unstaged: one block per row (grid-stride), positions gathered from global memory. The
+// fallback for rows too large for shared memory. At least 4 blocks per SM lets ptxas use up
+// to 64 registers (with a bare bound of 256 it squeezed to 40 registers and spilled).
 template <class T, class A>
 __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, A> P) {
   __shared__ A warp_loss[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x)
+    row_loss<kThreads>(P, GlobalRow<T, A>{P, row * P.C}, row, warp_loss);
+}
+
+// Staged: one block per row (grid-stride). The row is read once, coalesced, and scattered
+// into shared memory in segment order (position[c] = segment position of column c); the
+// segments then work on shared memory only, writing their gradient over z there; the
+// gradient goes out coalesced through the same map. Global traffic is z, pos, ign read once
+// and grad written once, where the unstaged kernel gathers 2-byte elements at random
+// (a 32-byte sector per element). C is below 2^31 here (the row fits shared memory).
+constexpr int kStagedThreads = 512;
+constexpr int kUnroll = 4;  // loads in flight per thread while staging
+
+template <class T>
+__host__ __device__ constexpr int64_t staged_z_bytes(int64_t C) {
+  return (C * int64_t(sizeof(T)) + 15) / 16 * 16;
+}
+
+template <class T, class A>
+__global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Params<T, A> P) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ A warp_loss[kStagedThreads / 32];
+  T* zs = reinterpret_cast<T*>(smem);
+  uint8_t* st = smem + staged_z_bytes<T>(P.C);
+  const int C = static_cast<int>(P.C);
+  constexpr int kStep = kStagedThreads * kUnroll;
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
-    A acc = 0;
-    // Lane l of warp w, round j: segment k = w + kWarps (32 j + l).
-    for (int64_t first = warp; first < P.m; first += kThreads) {
-      const int64_t k = first + int64_t(kWarps) * lane;
-      const bool valid = k < P.m;
-      const bool small = valid && P.offsets[k + 1] - P.offsets[k] <= kSmall;
-      if (small) acc += segment<1>(P, row, k, 0);
-      unsigned big = __ballot_sync(kFull, valid && !small);
-      while (big) {  // warp-uniform: the whole warp takes each large segment in turn
-        const int b = __ffs(big) - 1;
-        big &= big - 1;
-        const A l = segment<32>(P, row, first + int64_t(kWarps) * b, lane);
-        if (lane == 0) acc += l;
+    const int64_t base = row * P.C;
+    for (int c0 = threadIdx.x; c0 < C; c0 += kStep) {
+      T zv[kUnroll];
+      uint8_t sv[kUnroll];
+      int pv[kUnroll];
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int c = c0 + j * kStagedThreads;
+        if (c < C) {
+          zv[j] = P.z[base + c];
+          sv[j] = (P.pos[base + c] ? 1 : 0) | (P.ign && P.ign[base + c] ? 2 : 0);
+          pv[j] = P.position ? P.position[c] : c;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        if (c0 + j * kStagedThreads < C) {
+          zs[pv[j]] = zv[j];
+          st[pv[j]] = sv[j];
+        }
       }
     }
-    acc = group_sum<32>(acc);
-    if (lane == 0) warp_loss[warp] = acc;
     __syncthreads();
-    if (threadIdx.x == 0) {
-      A total = 0;
-      for (int j = 0; j < kWarps; ++j) total += warp_loss[j];
-      P.loss[row] = total;
+    row_loss<kStagedThreads>(P, StagedRow<T, A>{P, zs, st}, row, warp_loss);
+    for (int c0 = threadIdx.x; c0 < C; c0 += kStep) {
+      T gv[kUnroll];
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int c = c0 + j * kStagedThreads;
+        if (c < C) gv[j] = zs[P.position ? P.position[c] : c];
+      }
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int c = c0 + j * kStagedThreads;
+        if (c < C) P.grad[base + c] = gv[j];
+      }
     }
-    __syncthreads();  // warp_loss is reused by the next row
+    __syncthreads();  // shared memory is restaged for the next row
   }
+}
+
+// Dynamic shared memory the staged kernel needs for a row of C labels, or 0 when it cannot
+// run (staging off, an order without its inverse, or a row larger than the device allows).
+template <class T, class A>
+int staged_bytes(const ShlArgs& a) {
+  if (!a.cuda_staging || (a.order && !a.position) || a.C >= INT_MAX) return 0;
+  const int64_t bytes = staged_z_bytes<T>(a.C) + a.C;
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  const int64_t reserve = 1024;  // the kernel's static shared memory (warp_loss)
+  return bytes + reserve <= optin ? static_cast<int>(bytes) : 0;
 }
 
 template <class T, class A>
@@ -214,6 +353,7 @@ const char* launch(const ShlArgs& a, cudaStream_t stream) {
   P.pos = a.pos;
   P.ign = a.ign;
   P.order = a.order;
+  P.position = a.position;
   P.offsets = a.offsets;
   P.w = static_cast<const A*>(a.w);
   P.eta = static_cast<const A*>(a.eta);
@@ -225,8 +365,16 @@ const char* launch(const ShlArgs& a, cudaStream_t stream) {
   P.m = a.m;
   P.scale = static_cast<A>(a.grad_scale);
   const unsigned blocks = static_cast<unsigned>(a.B < INT_MAX ? a.B : INT_MAX);
-  shl_fused_kernel<T, A><<<blocks, kThreads, 0, stream>>>(P);
-  const cudaError_t e = cudaGetLastError();
+  cudaError_t e = cudaSuccess;
+  if (const int bytes = staged_bytes<T, A>(a)) {
+    if (bytes > 48 * 1024)  // above the default limit a kernel must opt in
+      e = cudaFuncSetAttribute(shl_staged_kernel<T, A>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e == cudaSuccess) shl_staged_kernel<T, A><<<blocks, kStagedThreads, bytes, stream>>>(P);
+  } else {
+    shl_fused_kernel<T, A><<<blocks, kThreads, 0, stream>>>(P);
+  }
+  if (e == cudaSuccess) e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 

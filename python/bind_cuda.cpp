@@ -22,9 +22,17 @@ namespace {
 void fused(const py::object& z, const py::object& pos, const py::object& ign, const py::object& order,
            const py::object& offsets, const py::object& w, const py::object& eta, const py::object& delta,
            double grad_scale, const py::object& loss, const py::object& grad, const py::object& grad_eta,
-           uintptr_t stream) {
-  const ShlArgs a = shl_args_from_capsules(Backend::kCUDA, z, pos, ign, order, offsets, w, eta,
-                                           delta, grad_scale, loss, grad, grad_eta);
+           uintptr_t stream, const py::object& position, bool staged) {
+  ShlArgs a = shl_args_from_capsules(Backend::kCUDA, z, pos, ign, order, offsets, w, eta, delta,
+                                     grad_scale, loss, grad, grad_eta);
+  if (!position.is_none()) {
+    if (order.is_none())
+      throw py::value_error("position: given without order (it is order's inverse); pass None");
+    const TensorView zv = view(z, "z");
+    a.position = detail::arg(position, "position", zv, false, DType::kI32, "int32", {a.C})
+                     .ptr<const int32_t>();
+  }
+  a.cuda_staging = staged ? 1 : 0;
   const char* err;
   {
     py::gil_scoped_release nogil;
@@ -39,8 +47,11 @@ void register_cuda(py::module_& m) {
   m.def("shl_fused_cuda", &fused, py::arg("z"), py::arg("pos"), py::arg("ign"), py::arg("order"),
         py::arg("offsets"), py::arg("w"), py::arg("eta"), py::arg("delta"), py::arg("grad_scale"),
         py::arg("loss"), py::arg("grad"), py::arg("grad_eta"), py::arg("stream"),
+        py::arg("position") = py::none(), py::arg("staged") = true,
         "Fused SHL loss rows and gradients on CUDA (contract: csrc/shl_args.h); tensors as DLPack "
-        "capsules, stream the cudaStream_t as an int; enqueued on that stream, not synchronised.");
+        "capsules, stream the cudaStream_t as an int; enqueued on that stream, not synchronised. "
+        "position (int32 [C], the inverse of order) lets rows that fit shared memory be staged "
+        "there; staged=False forces the unstaged kernel.");
   m.def(
       "cuda_runtime_info",
       []() -> py::tuple {

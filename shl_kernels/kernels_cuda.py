@@ -1,6 +1,9 @@
 """The CUDA fused kernel (csrc/shl_cuda.cu) behind the FusedKernel protocol of fused.py."""
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 
 from .backends import native
@@ -24,15 +27,43 @@ def cuda_available() -> tuple[bool, str]:
     return True, ""
 
 
+# SHL_CUDA_STAGED=0 turns the shared-memory staging of rows off (the unstaged kernel gathers
+# from global memory); for comparisons and as an escape hatch.
+STAGED = os.environ.get("SHL_CUDA_STAGED", "1") != "0"
+
+# order -> its inverse (int32), per order tensor (the loss caches order per device on the
+# Segmentation, so the same tensor comes back every step); dropped with the tensor.
+_positions: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def segment_position(order: torch.Tensor) -> torch.Tensor:
+    """int32 [C]: the segment position of each original label id (the inverse of `order`)."""
+    key = id(order)
+    hit = _positions.get(key)
+    if hit is not None and hit[0]() is order and hit[1] == order._version:
+        return hit[2]
+    C = order.numel()
+    position = torch.empty(C, dtype=torch.int32, device=order.device)
+    position[order] = torch.arange(C, dtype=torch.int32, device=order.device)
+    _positions[key] = (weakref.ref(order, lambda _, k=key: _positions.pop(k, None)),
+                       order._version, position)
+    return position
+
+
 def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                    order: torch.Tensor | None, offsets: torch.Tensor, w: torch.Tensor | None,
                    eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
-                   need_grad_eta: bool, grad_out: torch.Tensor | None = None,
+                   need_grad_eta: bool, grad_out: torch.Tensor | None = None, *,
+                   staged: bool | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """FusedKernel on CUDA tensors (see fused.FusedKernel); runs on z's current stream."""
+    """FusedKernel on CUDA tensors (see fused.FusedKernel); runs on z's current stream.
+    staged: stage rows in shared memory when they fit (default `STAGED`)."""
+    staged = STAGED if staged is None else staged
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
+    position = segment_position(order) if staged and order is not None else None
     c = capsule
     native().shl_fused_cuda(
         c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
-        c(loss), c(grad), c(grad_eta), torch.cuda.current_stream(z.device).cuda_stream)
+        c(loss), c(grad), c(grad_eta), torch.cuda.current_stream(z.device).cuda_stream,
+        c(position), staged)
     return loss, grad, grad_eta

@@ -13,7 +13,7 @@ from torch.utils.dlpack import to_dlpack
 import shl_kernels as shl
 from shl_kernels.backends import native
 from shl_kernels.fused import FusedSHL
-from shl_kernels.kernels_cuda import cuda_available, shl_fused_cuda
+from shl_kernels.kernels_cuda import cuda_available, segment_position, shl_fused_cuda
 from shl_kernels.reference import shl_loss_reference
 
 _C = native()
@@ -122,6 +122,30 @@ def test_binding_checks_dtype_and_shape(name, bad, exc):
 
 
 @needs_build
+@pytest.mark.parametrize("bad, exc", [(torch.arange(5, dtype=torch.int64), TypeError),
+                                      (torch.arange(4, dtype=torch.int32), ValueError)])
+def test_binding_checks_position(bad, exc):
+    with pytest.raises(exc, match="^position: "):
+        _call_binding(_binding_args(position=bad))
+
+
+@needs_build
+def test_binding_rejects_position_without_order():
+    with pytest.raises(ValueError, match="^position: given without order"):
+        _call_binding(_binding_args(order=None, position=torch.arange(5, dtype=torch.int32)))
+
+
+def test_segment_position_inverts_order_and_is_cached():
+    order = torch.randperm(1000)
+    position = segment_position(order)
+    assert position.dtype == torch.int32
+    assert torch.equal(order[position.long()], torch.arange(1000))
+    assert segment_position(order) is position  # same tensor, same version: cached
+    order[:2] = order[:2].flip(0)  # in-place change: recomputed
+    assert torch.equal(order[segment_position(order).long()], torch.arange(1000))
+
+
+@needs_build
 def test_binding_rejects_grad_partly_overlapping_z():
     buf = torch.randn(16)
     with pytest.raises(ValueError, match="^grad: overlaps z"):
@@ -141,6 +165,14 @@ def test_binding_zero_rows_touches_nothing():
 
 
 # ---------------------------------------------------------------- GPU: against the reference
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["staged", "unstaged"])
+def _staging(request, monkeypatch):
+    """Every GPU test runs with rows staged in shared memory and with the unstaged kernel."""
+    from shl_kernels import kernels_cuda
+    monkeypatch.setattr(kernels_cuda, "STAGED", request.param)
+    return request.param
+
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -314,7 +346,7 @@ def test_inplace_matches_out_of_place(dtype):
 
 
 @needs_gpu
-def test_outputs_fully_overwritten():
+def test_outputs_fully_overwritten(_staging):
     # NaN-prefilled outputs, plus an empty segment that only the raw kernel can be given.
     p = _problem(SIZES, 13, torch.float32, seed=8)
     z, pos, ign = p.z.to(DEV), p.pos.to(DEV, torch.uint8), p.ign.to(DEV, torch.uint8)
@@ -327,7 +359,8 @@ def test_outputs_fully_overwritten():
     out = [torch.full((B,), float("nan"), device=DEV), torch.full((B, C), float("nan"), device=DEV),
            torch.full((B, m), float("nan"), device=DEV)]
     _C.shl_fused_cuda(*(to_dlpack(t) for t in (z, pos, ign, order, offsets, w, eta, delta)), 0.5,
-                      *(to_dlpack(t) for t in out), torch.cuda.current_stream().cuda_stream)
+                      *(to_dlpack(t) for t in out), torch.cuda.current_stream().cuda_stream,
+                      to_dlpack(segment_position(order)), _staging)
     # Segments move to other lanes, so the row sums may round differently.
     torch.testing.assert_close(out[0], loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[1], grad)

@@ -1,0 +1,89 @@
+"""Kernel-only time of the fused SHL kernels on a GPU and the bandwidth it amounts to.
+
+Bytes counted: z read, targets (uint8) read, gradient written, once each: the least any
+fused kernel must move. Compared with a device-to-device copy measured in the same run.
+Variants: CUDA staged (rows in shared memory) and unstaged, Triton; each on logits in the
+original (shuffled) label order and in segment order (`Segmentation.reorder_head`).
+Usage: python benchmarks/kernel_bandwidth.py [--shape B,C,m] [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from bench_loss import make_inputs
+
+from shl_kernels.backends import why_unavailable
+
+
+def cuda_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median kernel time in ms from CUDA events (warm-up runs excluded)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_gbps(nbytes: int = 1 << 30) -> float:
+    x = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * nbytes / cuda_ms(lambda: y.copy_(x)) / 1e6
+
+
+def kernels() -> dict[str, Callable]:
+    out = {}
+    if why_unavailable("cuda") is None:
+        from shl_kernels.kernels_cuda import shl_fused_cuda
+        out["cuda staged"] = partial(shl_fused_cuda, staged=True)
+        out["cuda unstaged"] = partial(shl_fused_cuda, staged=False)
+    if why_unavailable("triton") is None:
+        from shl_kernels.triton_shl import shl_fused_triton
+        out["triton"] = shl_fused_triton
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shape", action="append",
+                   help="B,C,m (repeatable; default 4096,32768,100 and 16,8192,64)")
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    shapes = [tuple(map(int, s.split(","))) for s in args.shape or
+              ["4096,32768,100", "16,8192,64"]]
+    dtype = getattr(torch, args.dtype)
+    bw = copy_gbps()
+    print(f"{torch.cuda.get_device_name(0)}: copy {bw:.0f} GB/s (read + write)")
+    print(f"{'shape':<18} {'dtype':<9} {'labels':<9} {'kernel':<14} {'ms':>8} {'GB/s':>7} "
+          f"{'% copy':>7}", flush=True)
+    for B, C, m in shapes:
+        for ordered in (False, True):
+            seg, z, pos, w, eta = make_inputs(B, C, m, dtype, "cuda", ordered=ordered)
+            order = None if seg.is_identity_order else seg.order.cuda()
+            offsets = seg.offsets.cuda()
+            nbytes = B * C * (2 * z.element_size() + 1)
+            for name, fn in kernels().items():
+                call = partial(fn, z, pos.view(torch.uint8), None, order, offsets, w,
+                               eta.detach(), None, 1.0 / B, True)
+                try:
+                    ms = cuda_ms(call)
+                except Exception as e:  # noqa: BLE001 - one failing kernel is reported
+                    print(f"  {name}: failed: {type(e).__name__}: {e}", flush=True)
+                    continue
+                gbps = nbytes / ms / 1e6
+                print(f"{f'{B}x{C}/{m}':<18} {args.dtype:<9} "
+                      f"{'segment' if ordered else 'shuffled':<9} {name:<14} {ms:>8.3f} "
+                      f"{gbps:>7.0f} {100 * gbps / bw:>6.0f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
