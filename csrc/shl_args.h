@@ -30,6 +30,9 @@ struct ShlArgs {
   // = no staging. cuda_staging = 0 forces the unstaged kernel (tests, comparisons).
   const int32_t* position = nullptr;
   int cuda_staging = 1;
+  // CUDA only: [m] segment ids in the order the warps take them (largest first balances
+  // them); null = 0..m-1. Changes only which warp does a segment, never the results.
+  const int32_t* schedule = nullptr;
 };
 
 // Returns nullptr on success, else a static error message.

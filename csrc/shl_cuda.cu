@@ -44,6 +44,7 @@ struct Params {
   const uint8_t* __restrict__ ign;
   const int64_t* __restrict__ order;
   const int32_t* __restrict__ position;
+  const int32_t* __restrict__ schedule;
   const int64_t* __restrict__ offsets;
   const A* __restrict__ w;
   const A* __restrict__ eta;
@@ -220,8 +221,11 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, int64_t k
   return loss;
 }
 
-// The row's segments over the block's NT threads: warp w takes segments k = w (mod NT/32),
-// 32 at a time (one per lane), so the large segments, usually few, spread over the warps.
+// The row's segments over the block's NT threads: warp w takes the segments at schedule
+// indices i = w (mod NT/32), 32 at a time (one per lane). With the schedule listing the
+// segments largest first, the large ones are dealt round-robin over the warps, which
+// balances them (on a Dirichlet split of 32768 labels the busiest of 16 warps had 2x the
+// mean work in label order).
 // A segment of at most kSmall labels is handled by its lane alone, a larger one by the
 // whole warp. Writes loss[row] (block-wide sum in a fixed order: deterministic); ends with
 // a __syncthreads, so the row's gradient writes are visible to the whole block.
@@ -232,15 +236,16 @@ __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row, A* wa
   A acc = 0;
   // Lane l of warp w, round j: segment k = w + kW (32 j + l).
   for (int64_t first = warp; first < P.m; first += NT) {
-    const int64_t k = first + int64_t(kW) * lane;
-    const bool valid = k < P.m;
+    const int64_t i = first + int64_t(kW) * lane;
+    const bool valid = i < P.m;
+    const int64_t k = !valid ? 0 : P.schedule ? int64_t(P.schedule[i]) : i;
     const bool small = valid && P.offsets[k + 1] - P.offsets[k] <= kSmall;
     if (small) acc += segment<1>(P, R, row, k, 0);
     unsigned big = __ballot_sync(kFull, valid && !small);
     while (big) {  // warp-uniform: the whole warp takes each large segment in turn
       const int b = __ffs(big) - 1;
       big &= big - 1;
-      const A l = segment<32>(P, R, row, first + int64_t(kW) * b, lane);
+      const A l = segment<32>(P, R, row, __shfl_sync(kFull, k, b), lane);
       if (lane == 0) acc += l;
     }
   }
@@ -271,60 +276,110 @@ __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, 
 // gradient goes out coalesced through the same map. Global traffic is z, pos, ign read once
 // and grad written once, where the unstaged kernel gathers 2-byte elements at random
 // (a 32-byte sector per element). C is below 2^31 here (the row fits shared memory).
+// V elements per access: 16-byte loads and stores of z and grad when C % V == 0 and the
+// pointers are aligned (checked on the host), else V = 1; kUnroll accesses in flight per
+// thread (a row is read in a few memory round trips, not one per 512 elements).
 constexpr int kStagedThreads = 512;
-constexpr int kUnroll = 4;  // loads in flight per thread while staging
+
+template <int N, class T>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, class T>
+__device__ __forceinline__ Pack<N, T> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<N, T>*>(p);
+}
+
+// Staging moves z and grad as raw bits (trivial types: the packs stay in registers).
+template <int Bytes> struct BitsOf;
+template <> struct BitsOf<2> { using type = uint16_t; };
+template <> struct BitsOf<4> { using type = uint32_t; };
+template <> struct BitsOf<8> { using type = uint64_t; };
+template <class T>
+using Bits = typename BitsOf<sizeof(T)>::type;
 
 template <class T>
 __host__ __device__ constexpr int64_t staged_z_bytes(int64_t C) {
   return (C * int64_t(sizeof(T)) + 15) / 16 * 16;
 }
 
-template <class T, class A>
+template <int V, class T, class A>
+__device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, int C, T* zs_,
+                                          uint8_t* st) {
+  constexpr int kUnroll = V == 1 ? 4 : V == 8 ? 1 : 2;
+  const int n = C / V;
+  const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
+  Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
+  for (int q0 = threadIdx.x; q0 < n; q0 += kStagedThreads * kUnroll) {
+    Pack<V, Bits<T>> zv[kUnroll];
+    Pack<V, uint8_t> pv[kUnroll], iv[kUnroll];
+    Pack<V, int32_t> xv[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int64_t c = int64_t(q0 + j * kStagedThreads) * V;
+      if (q0 + j * kStagedThreads < n) {
+        zv[j] = load_pack<V>(z + base + c);
+        pv[j] = load_pack<V>(P.pos + base + c);
+        if (P.ign) iv[j] = load_pack<V>(P.ign + base + c);
+        if (P.position) xv[j] = load_pack<V>(P.position + c);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int q = q0 + j * kStagedThreads;
+      if (q < n) {
+#pragma unroll
+        for (int t = 0; t < V; ++t) {
+          const int p = P.position ? xv[j].v[t] : q * V + t;
+          zs[p] = zv[j].v[t];
+          st[p] = (pv[j].v[t] ? 1 : 0) | (P.ign && iv[j].v[t] ? 2 : 0);
+        }
+      }
+    }
+  }
+}
+
+template <int V, class T, class A>
+__device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base, int C,
+                                            const T* zs_) {
+  constexpr int kUnroll = V == 1 ? 4 : V == 8 ? 1 : 2;
+  const int n = C / V;
+  const Bits<T>* zs = reinterpret_cast<const Bits<T>*>(zs_);
+  Bits<T>* grad = reinterpret_cast<Bits<T>*>(P.grad);
+  for (int q0 = threadIdx.x; q0 < n; q0 += kStagedThreads * kUnroll) {
+    Pack<V, Bits<T>> gv[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int q = q0 + j * kStagedThreads;
+      if (q < n) {
+        Pack<V, int32_t> xv;
+        if (P.position) xv = load_pack<V>(P.position + int64_t(q) * V);
+#pragma unroll
+        for (int t = 0; t < V; ++t) gv[j].v[t] = zs[P.position ? xv.v[t] : q * V + t];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int q = q0 + j * kStagedThreads;
+      if (q < n) *reinterpret_cast<Pack<V, Bits<T>>*>(grad + base + int64_t(q) * V) = gv[j];
+    }
+  }
+}
+
+template <int V, class T, class A>
 __global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Params<T, A> P) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ A warp_loss[kStagedThreads / 32];
   T* zs = reinterpret_cast<T*>(smem);
   uint8_t* st = smem + staged_z_bytes<T>(P.C);
   const int C = static_cast<int>(P.C);
-  constexpr int kStep = kStagedThreads * kUnroll;
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     const int64_t base = row * P.C;
-    for (int c0 = threadIdx.x; c0 < C; c0 += kStep) {
-      T zv[kUnroll];
-      uint8_t sv[kUnroll];
-      int pv[kUnroll];
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
-        const int c = c0 + j * kStagedThreads;
-        if (c < C) {
-          zv[j] = P.z[base + c];
-          sv[j] = (P.pos[base + c] ? 1 : 0) | (P.ign && P.ign[base + c] ? 2 : 0);
-          pv[j] = P.position ? P.position[c] : c;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
-        if (c0 + j * kStagedThreads < C) {
-          zs[pv[j]] = zv[j];
-          st[pv[j]] = sv[j];
-        }
-      }
-    }
+    stage_row<V>(P, base, C, zs, st);
     __syncthreads();
     row_loss<kStagedThreads>(P, StagedRow<T, A>{P, zs, st}, row, warp_loss);
-    for (int c0 = threadIdx.x; c0 < C; c0 += kStep) {
-      T gv[kUnroll];
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
-        const int c = c0 + j * kStagedThreads;
-        if (c < C) gv[j] = zs[P.position ? P.position[c] : c];
-      }
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
-        const int c = c0 + j * kStagedThreads;
-        if (c < C) P.grad[base + c] = gv[j];
-      }
-    }
+    unstage_row<V>(P, base, C, zs);
     __syncthreads();  // shared memory is restaged for the next row
   }
 }
@@ -345,6 +400,21 @@ int staged_bytes(const ShlArgs& a) {
   return bytes + reserve <= optin ? static_cast<int>(bytes) : 0;
 }
 
+inline bool aligned(const void* p, int64_t n) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(n) == 0;  // null is aligned
+}
+
+template <int V, class T, class A>
+cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
+  if (bytes > 48 * 1024) {  // above the default limit a kernel must opt in
+    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, T, A>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) return e;
+  }
+  shl_staged_kernel<V, T, A><<<blocks, kStagedThreads, bytes, stream>>>(P);
+  return cudaSuccess;
+}
+
 template <class T, class A>
 const char* launch(const ShlArgs& a, cudaStream_t stream) {
   Params<T, A> P;
@@ -354,6 +424,7 @@ const char* launch(const ShlArgs& a, cudaStream_t stream) {
   P.ign = a.ign;
   P.order = a.order;
   P.position = a.position;
+  P.schedule = a.schedule;
   P.offsets = a.offsets;
   P.w = static_cast<const A*>(a.w);
   P.eta = static_cast<const A*>(a.eta);
@@ -367,10 +438,10 @@ const char* launch(const ShlArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(a.B < INT_MAX ? a.B : INT_MAX);
   cudaError_t e = cudaSuccess;
   if (const int bytes = staged_bytes<T, A>(a)) {
-    if (bytes > 48 * 1024)  // above the default limit a kernel must opt in
-      e = cudaFuncSetAttribute(shl_staged_kernel<T, A>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e == cudaSuccess) shl_staged_kernel<T, A><<<blocks, kStagedThreads, bytes, stream>>>(P);
+    constexpr int V = 16 / sizeof(T);
+    const bool vec = a.C % V == 0 && aligned(a.z, 16) && aligned(a.grad, 16) &&
+                     aligned(a.pos, V) && aligned(a.ign, V) && aligned(a.position, 4 * V);
+    e = vec ? launch_staged<V>(P, blocks, bytes, stream) : launch_staged<1>(P, blocks, bytes, stream);
   } else {
     shl_fused_kernel<T, A><<<blocks, kThreads, 0, stream>>>(P);
   }

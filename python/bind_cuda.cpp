@@ -22,7 +22,8 @@ namespace {
 void fused(const py::object& z, const py::object& pos, const py::object& ign, const py::object& order,
            const py::object& offsets, const py::object& w, const py::object& eta, const py::object& delta,
            double grad_scale, const py::object& loss, const py::object& grad, const py::object& grad_eta,
-           uintptr_t stream, const py::object& position, bool staged) {
+           uintptr_t stream, const py::object& position, bool staged,
+           const py::object& schedule) {
   ShlArgs a = shl_args_from_capsules(Backend::kCUDA, z, pos, ign, order, offsets, w, eta, delta,
                                      grad_scale, loss, grad, grad_eta);
   if (!position.is_none()) {
@@ -33,6 +34,10 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
                      .ptr<const int32_t>();
   }
   a.cuda_staging = staged ? 1 : 0;
+  if (!schedule.is_none())
+    a.schedule = detail::arg(schedule, "schedule", view(z, "z"), false, DType::kI32, "int32",
+                             {a.m})
+                     .ptr<const int32_t>();
   const char* err;
   {
     py::gil_scoped_release nogil;
@@ -48,10 +53,12 @@ void register_cuda(py::module_& m) {
         py::arg("offsets"), py::arg("w"), py::arg("eta"), py::arg("delta"), py::arg("grad_scale"),
         py::arg("loss"), py::arg("grad"), py::arg("grad_eta"), py::arg("stream"),
         py::arg("position") = py::none(), py::arg("staged") = true,
+        py::arg("schedule") = py::none(),
         "Fused SHL loss rows and gradients on CUDA (contract: csrc/shl_args.h); tensors as DLPack "
         "capsules, stream the cudaStream_t as an int; enqueued on that stream, not synchronised. "
         "position (int32 [C], the inverse of order) lets rows that fit shared memory be staged "
-        "there; staged=False forces the unstaged kernel.");
+        "there; staged=False forces the unstaged kernel. schedule (int32 [m], a permutation of the "
+        "segment ids) is the order the warps take the segments: largest first balances them.");
   m.def(
       "cuda_runtime_info",
       []() -> py::tuple {

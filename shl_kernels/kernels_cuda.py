@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -31,23 +32,42 @@ def cuda_available() -> tuple[bool, str]:
 # from global memory); for comparisons and as an escape hatch.
 STAGED = os.environ.get("SHL_CUDA_STAGED", "1") != "0"
 
-# order -> its inverse (int32), per order tensor (the loss caches order per device on the
-# Segmentation, so the same tensor comes back every step); dropped with the tensor.
-_positions: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+# Tensors derived from order / offsets, per source tensor (the loss caches both per device on
+# the Segmentation, so the same tensors come back every step); dropped with the source.
+_derived: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _cached(t: torch.Tensor, what: str, make: Callable[[torch.Tensor], torch.Tensor]
+            ) -> torch.Tensor:
+    key = (id(t), what)
+    hit = _derived.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    out = make(t)
+    _derived[key] = (weakref.ref(t, lambda _, k=key: _derived.pop(k, None)), t._version, out)
+    return out
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    C = order.numel()
+    position = torch.empty(C, dtype=torch.int32, device=order.device)
+    position[order] = torch.arange(C, dtype=torch.int32, device=order.device)
+    return position
 
 
 def segment_position(order: torch.Tensor) -> torch.Tensor:
     """int32 [C]: the segment position of each original label id (the inverse of `order`)."""
-    key = id(order)
-    hit = _positions.get(key)
-    if hit is not None and hit[0]() is order and hit[1] == order._version:
-        return hit[2]
-    C = order.numel()
-    position = torch.empty(C, dtype=torch.int32, device=order.device)
-    position[order] = torch.arange(C, dtype=torch.int32, device=order.device)
-    _positions[key] = (weakref.ref(order, lambda _, k=key: _positions.pop(k, None)),
-                       order._version, position)
-    return position
+    return _cached(order, "position", _inverse)
+
+
+def _largest_first(offsets: torch.Tensor) -> torch.Tensor:
+    sizes = offsets[1:] - offsets[:-1]
+    return torch.argsort(sizes, descending=True, stable=True).to(torch.int32)
+
+
+def segment_schedule(offsets: torch.Tensor) -> torch.Tensor:
+    """int32 [m]: segment ids, largest first (the order the CUDA kernel's warps take them)."""
+    return _cached(offsets, "schedule", _largest_first)
 
 
 def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
@@ -65,5 +85,5 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
     native().shl_fused_cuda(
         c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
         c(loss), c(grad), c(grad_eta), torch.cuda.current_stream(z.device).cuda_stream,
-        c(position), staged)
+        c(position), staged, c(segment_schedule(offsets)))
     return loss, grad, grad_eta

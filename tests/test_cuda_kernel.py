@@ -13,7 +13,12 @@ from torch.utils.dlpack import to_dlpack
 import shl_kernels as shl
 from shl_kernels.backends import native
 from shl_kernels.fused import FusedSHL
-from shl_kernels.kernels_cuda import cuda_available, segment_position, shl_fused_cuda
+from shl_kernels.kernels_cuda import (
+    cuda_available,
+    segment_position,
+    segment_schedule,
+    shl_fused_cuda,
+)
 from shl_kernels.reference import shl_loss_reference
 
 _C = native()
@@ -143,6 +148,18 @@ def test_segment_position_inverts_order_and_is_cached():
     assert segment_position(order) is position  # same tensor, same version: cached
     order[:2] = order[:2].flip(0)  # in-place change: recomputed
     assert torch.equal(order[segment_position(order).long()], torch.arange(1000))
+
+
+def test_segment_schedule_lists_segments_largest_first():
+    offsets = torch.tensor([0, 2, 7, 8, 13, 13])  # sizes 2, 5, 1, 5, 0
+    assert segment_schedule(offsets).tolist() == [1, 3, 0, 2, 4]  # ties keep segment order
+    assert segment_schedule(offsets).dtype == torch.int32
+
+
+@needs_build
+def test_binding_checks_schedule():
+    with pytest.raises(ValueError, match="^schedule: "):
+        _call_binding(_binding_args(schedule=torch.arange(3, dtype=torch.int32)))
 
 
 @needs_build
@@ -360,12 +377,30 @@ def test_outputs_fully_overwritten(_staging):
            torch.full((B, m), float("nan"), device=DEV)]
     _C.shl_fused_cuda(*(to_dlpack(t) for t in (z, pos, ign, order, offsets, w, eta, delta)), 0.5,
                       *(to_dlpack(t) for t in out), torch.cuda.current_stream().cuda_stream,
-                      to_dlpack(segment_position(order)), _staging)
+                      to_dlpack(segment_position(order)), _staging,
+                      to_dlpack(segment_schedule(offsets)))
     # Segments move to other lanes, so the row sums may round differently.
     torch.testing.assert_close(out[0], loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[1], grad)
     assert torch.equal(out[2][:, 2], torch.zeros(B, device=DEV))
     assert torch.equal(torch.cat([out[2][:, :2], out[2][:, 3:]], 1), geta)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vector_staging_and_its_scalar_fallback(dtype):
+    # C = 224, a multiple of 16 / sizeof(z): the staged kernel moves z and grad 16 bytes at a
+    # time; z one element off 16-byte alignment takes the scalar path, with the same numbers.
+    p = _problem([*SIZES, 5], 13, dtype, seed=21)
+    got, _ = _fused(p, "mean")
+    _assert_matches(got, _reference(p, "mean"), dtype, p.seg)
+    B, C = p.z.shape
+    args = (p.pos.to(DEV, torch.uint8), p.ign.to(DEV, torch.uint8), p.seg.order.to(DEV),
+            p.seg.offsets.to(DEV), p.w.to(DEV), p.eta.to(DEV), p.delta.to(DEV), 1 / B, True)
+    shifted = torch.empty(B * C + 1, dtype=dtype, device=DEV)[1:].view(B, C)
+    shifted.copy_(p.z)
+    for a, b in zip(shl_fused_cuda(p.z.to(DEV), *args), shl_fused_cuda(shifted, *args)):
+        assert torch.equal(a, b)
 
 
 @needs_gpu
