@@ -66,6 +66,10 @@ def main() -> None:
     print(f"{'shape':<18} {'dtype':<9} {'labels':<9} {'kernel':<14} {'ms':>8} {'GB/s':>7} "
           f"{'% copy':>7}", flush=True)
     for B, C, m in shapes:
+        if why_unavailable("cuda") is None:
+            from shl_kernels.backends import native
+            blocks, nbytes = native().cuda_staged_occupancy(args.dtype, C)
+            print(f"staged CUDA kernel, C={C}: {nbytes} B shared memory, {blocks} blocks/SM")
         for ordered in (False, True):
             seg, z, pos, w, eta = make_inputs(B, C, m, dtype, "cuda", ordered=ordered)
             order = None if seg.is_identity_order else seg.order.cuda()

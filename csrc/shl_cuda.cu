@@ -404,15 +404,56 @@ inline bool aligned(const void* p, int64_t n) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(n) == 0;  // null is aligned
 }
 
+// Lets shl_staged_kernel<V, T, A> take `bytes` of dynamic shared memory: above 48 KiB a
+// kernel must opt in; the carveout hint asks for the largest shared-memory split so that two
+// blocks fit per SM (the driver may otherwise pick a split that fits only one).
 template <int V, class T, class A>
-cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
-  if (bytes > 48 * 1024) {  // above the default limit a kernel must opt in
+cudaError_t prepare_staged(int bytes) {
+  if (bytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, T, A>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e != cudaSuccess) return e;
   }
+  if (cudaFuncSetAttribute(shl_staged_kernel<V, T, A>,
+                           cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared) != cudaSuccess)
+    cudaGetLastError();  // only a hint
+  return cudaSuccess;
+}
+
+template <int V, class T, class A>
+cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
+  const cudaError_t e = prepare_staged<V, T, A>(bytes);
+  if (e != cudaSuccess) return e;
   shl_staged_kernel<V, T, A><<<blocks, kStagedThreads, bytes, stream>>>(P);
   return cudaSuccess;
+}
+
+// Resident blocks per SM of the staged kernel (16-byte variant) for rows of C labels.
+template <class T, class A>
+const char* staged_occupancy(int64_t C, int* blocks_per_sm, int* bytes_out) {
+  int devices = 0;
+  const cudaError_t d = cudaGetDeviceCount(&devices);
+  if (d != cudaSuccess || devices == 0) {
+    cudaGetLastError();
+    return d != cudaSuccess ? cudaGetErrorString(d) : "no CUDA device";
+  }
+  ShlArgs a;
+  a.C = C;
+  const int bytes = staged_bytes<T, A>(a);
+  *bytes_out = bytes;
+  *blocks_per_sm = 0;
+  if (!bytes) return nullptr;  // the row does not fit: unstaged kernel
+  constexpr int V = 16 / sizeof(T);
+  cudaError_t e = prepare_staged<V, T, A>(bytes);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, shl_staged_kernel<V, T, A>,
+                                                      kStagedThreads, bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return cudaGetErrorString(e);
+  }
+  return nullptr;
 }
 
 template <class T, class A>
@@ -480,6 +521,17 @@ const char* shl_fused_cuda(const ShlArgs& a, void* stream) {
   const char* err = dispatch(a, static_cast<cudaStream_t>(stream));
   if (attr.device != current) cudaSetDevice(current);
   return err;
+}
+
+const char* shl_cuda_staged_occupancy(DType z_dtype, int64_t C, int* blocks_per_sm,
+                                      int* smem_bytes) {
+  switch (z_dtype) {
+    case DType::kF32: return staged_occupancy<float, float>(C, blocks_per_sm, smem_bytes);
+    case DType::kF64: return staged_occupancy<double, double>(C, blocks_per_sm, smem_bytes);
+    case DType::kF16: return staged_occupancy<__half, float>(C, blocks_per_sm, smem_bytes);
+    case DType::kBF16: return staged_occupancy<__nv_bfloat16, float>(C, blocks_per_sm, smem_bytes);
+    default: return "unsupported z dtype (expected float32, float64, float16 or bfloat16)";
+  }
 }
 
 const char* shl_cuda_runtime_info(int* driver, int* runtime, int* devices) {

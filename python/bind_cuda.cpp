@@ -16,6 +16,10 @@ namespace shl {
 // Defined in csrc/shl_cuda.cu: driver/runtime versions and device count; nullptr on
 // success, else the CUDA error text (e.g. no driver).
 const char* shl_cuda_runtime_info(int* driver, int* runtime, int* devices);
+// Defined in csrc/shl_cuda.cu: resident blocks per SM and dynamic shared memory of the staged
+// SHL kernel for rows of C labels (0, 0 when the row does not fit shared memory).
+const char* shl_cuda_staged_occupancy(DType z_dtype, int64_t C, int* blocks_per_sm,
+                                      int* smem_bytes);
 
 namespace {
 
@@ -59,6 +63,26 @@ void register_cuda(py::module_& m) {
         "position (int32 [C], the inverse of order) lets rows that fit shared memory be staged "
         "there; staged=False forces the unstaged kernel. schedule (int32 [m], a permutation of the "
         "segment ids) is the order the warps take the segments: largest first balances them.");
+  m.def(
+      "cuda_staged_occupancy",
+      [](const std::string& dtype, int64_t C) -> py::tuple {
+        const DType dt = dtype == "float32"    ? DType::kF32
+                         : dtype == "float64"  ? DType::kF64
+                         : dtype == "float16"  ? DType::kF16
+                         : dtype == "bfloat16" ? DType::kBF16
+                                               : DType::kInvalid;
+        if (dt == DType::kInvalid)
+          throw py::value_error("dtype: expected 'float32', 'float64', 'float16' or 'bfloat16', got '" +
+                                dtype + "'");
+        if (C < 1) throw py::value_error("C: expected >= 1 labels");
+        int blocks = 0, bytes = 0;
+        const char* err = shl_cuda_staged_occupancy(dt, C, &blocks, &bytes);
+        if (err) throw std::runtime_error(std::string("cuda_staged_occupancy: ") + err);
+        return py::make_tuple(blocks, bytes);
+      },
+      py::arg("dtype"), py::arg("C"),
+      "(resident blocks per SM, dynamic shared memory bytes) of the staged SHL kernel on the "
+      "current device for rows of C labels; (0, 0) when a row does not fit shared memory.");
   m.def(
       "cuda_runtime_info",
       []() -> py::tuple {

@@ -6,6 +6,7 @@ Backward only rescales it by the upstream gradient, so the common case (upstream
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Protocol
 
@@ -42,6 +43,14 @@ def kernel_outputs(z: torch.Tensor, offsets: torch.Tensor, need_grad_eta: bool,
     grad_eta = (torch.empty((B, offsets.numel() - 1), dtype=acc, device=z.device)
                 if need_grad_eta else None)
     return loss, grad, grad_eta
+
+
+def on_device(device: torch.device):
+    """Context making `device` current for a launch (Triton launches on the current device):
+    a no-op when it already is, which spares two device switches per call."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def capsule(t: torch.Tensor | None):
@@ -82,8 +91,12 @@ class FusedSHL(torch.autograd.Function):
         gz, g, grad_eta = take_grad(ctx, go, ctx.reduction)
         geta = None
         if grad_eta is not None:
-            geta = (grad_eta.sum(0) * g if g is not None else
-                    (grad_eta * go.to(grad_eta.dtype).unsqueeze(1)).sum(0))
+            if g is None:
+                geta = (grad_eta * go.to(grad_eta.dtype).unsqueeze(1)).sum(0)
+            else:
+                geta = grad_eta.sum(0)
+                if isinstance(g, torch.Tensor) or g != 1.0:
+                    geta = geta * g
         gdelta = None
         if ctx.needs_input_grad[8]:
             gdelta = gz.sum(0, dtype=torch.float32 if gz.dtype != torch.float64 else None)
@@ -112,7 +125,8 @@ def take_grad(ctx, go: torch.Tensor, reduction: str):
     """The gradient buffer the forward left in `ctx.grad_buffer` (and `ctx.grad_eta`, for
     SHL), times the upstream gradient `go`, rescaled in place and handed over to autograd
     (no copy). A second backward recomputes the buffers with `ctx.recompute`.
-    Returns (grad, scalar upstream gradient or None for reduction "none", extra buffer).
+    Returns (grad, upstream gradient (a float, or a 0-dim tensor when not read on the host;
+    None for reduction "none"), extra buffer).
     Shared by every fused loss Function."""
     grad = ctx.__dict__.pop("grad_buffer", None)
     extra = ctx.__dict__.pop("grad_eta", None)
@@ -128,7 +142,22 @@ def take_grad(ctx, go: torch.Tensor, reduction: str):
         grad.mul_(go.to(grad.dtype) if go.dim() == grad.dim() else
                   go.to(grad.dtype).unsqueeze(1))
         return grad, None, extra
+    if not sync_for_upstream(grad):
+        grad.mul_(go)  # small GPU buffer: a pass costs less than stalling the host
+        return grad, go, extra
     g = float(go)  # one host sync; skips a full pass over the buffer when g == 1
     if g != 1.0:
         grad.mul_(g)
     return grad, g, extra
+
+
+# Below this many elements a GPU gradient buffer is scaled by the upstream gradient on the
+# device (a few microseconds) instead of reading the upstream value on the host, which would
+# wait for the forward kernel and leave the GPU idle while the backward is launched.
+NO_SYNC_NUMEL = 1 << 22
+
+
+def sync_for_upstream(grad: torch.Tensor) -> bool:
+    """Whether take_grad reads the scalar upstream gradient on the host (CPU tensors: free;
+    large GPU buffers: the sync saves a full pass over the buffer when it is 1)."""
+    return grad.device.type == "cpu" or grad.numel() > NO_SYNC_NUMEL

@@ -6,7 +6,6 @@ One program per [BLOCK_B, BLOCK_C] tile; each tile writes its row partial sums t
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -14,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused import on_device
 from .kernels_elementwise import ElemSpec
 
 _MAX_TILE = 4096
@@ -170,7 +170,7 @@ def elementwise_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tens
     part = torch.empty(B, n_cb, dtype=acc, device=z.device) if loss_rows is not None else None
     par = _params(spec, float(grad_scale), acc, z.device)
     grid = (triton.cdiv(B, block_b), n_cb)
-    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+    with on_device(z.device):
         _elementwise_kernel[grid](
             z, pos, ign if ign is not None else pos, weight if weight is not None else par,
             pos_weight if pos_weight is not None else par, par,

@@ -18,7 +18,6 @@ summed afterwards: deterministic, no atomics.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -27,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+
+from .fused import on_device
 
 _ACC = {torch.float32: torch.float32, torch.float16: torch.float32,
         torch.bfloat16: torch.float32, torch.float64: torch.float64}
@@ -343,7 +344,7 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     if block is None and knobs.runtime.interpret:
         block = _INTERPRET_BLOCK
     # Triton launches on the current device: make it z's (multi-GPU).
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with on_device(dev):
         if block is not None:
             _shl_kernel[grid](*args, **flags, BLOCK=block, num_warps=num_warps or 4)
         else:

@@ -189,3 +189,26 @@ def test_fused_backends_refuse_learnable_weights(backend):
     _call(label_weights=w.detach(), backend=backend)  # constants are fine
     _call(label_weights=w, backend="torch").backward()  # the reference learns them
     assert w.grad is not None
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["host-read", "on-device"])
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b != "torch"])
+def test_upstream_gradient_scaling_without_host_sync(backend, sync, monkeypatch):
+    # Small GPU buffers are scaled by the upstream gradient on the device (no host sync);
+    # forced here on CPU tensors: same gradients as the reference, for SHL (with null
+    # logits) and an elementwise loss.
+    from shl_kernels import fused
+    monkeypatch.setattr(fused, "sync_for_upstream", lambda grad: sync)
+    seg = _seg()
+    t = torch.eye(4)[:3]
+    z0 = torch.randn(3, 4, dtype=torch.float64)
+    eta0 = torch.randn(3, dtype=torch.float64)
+    grads = {}
+    for b in (backend, "torch"):
+        z, eta = z0.clone().requires_grad_(), eta0.clone().requires_grad_()
+        loss = shl.segmented_harmonic_loss(z, t, seg, null_logits=eta, backend=b)
+        (loss * 2.5 + shl.bce_loss(z, t, backend=b if b != "torch" else "torch") * -0.5
+         ).backward()
+        grads[b] = (z.grad, eta.grad)
+    for got, want in zip(grads[backend], grads["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

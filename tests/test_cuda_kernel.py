@@ -163,6 +163,21 @@ def test_binding_checks_schedule():
 
 
 @needs_build
+def test_staged_occupancy_checks_its_arguments():
+    with pytest.raises(ValueError, match="^dtype: "):
+        _C.cuda_staged_occupancy("int8", 5)
+    with pytest.raises(ValueError, match="^C: "):
+        _C.cuda_staged_occupancy("float32", 0)
+
+
+@needs_gpu
+def test_staged_occupancy():
+    blocks, nbytes = _C.cuda_staged_occupancy("bfloat16", 32768)
+    assert nbytes == 32768 * 3 and blocks >= 1
+    assert _C.cuda_staged_occupancy("float32", 10**6) == (0, 0)  # too large: unstaged kernel
+
+
+@needs_build
 def test_binding_rejects_grad_partly_overlapping_z():
     buf = torch.randn(16)
     with pytest.raises(ValueError, match="^grad: overlaps z"):
