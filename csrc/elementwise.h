@@ -1,10 +1,11 @@
 // Fused elementwise multi-label losses (BCE, sigmoid focal, asymmetric): loss and dl/dz of
 // one (row, label) pair, shared by the CPU (elementwise_cpu.cpp) and CUDA
 // (elementwise_cuda.cu) kernels, plus the arguments of one fused pass.
-// No dtype.h here: its fp16 store does not compile under nvcc.
 #pragma once
 #include <math.h>
 #include <stdint.h>
+
+#include "dtype.h"
 
 #ifdef __CUDACC__
 #define SHL_HD __host__ __device__ __forceinline__
@@ -15,8 +16,6 @@
 namespace shl {
 
 enum class ElemKind : int { kBCE = 0, kFocal = 1, kASL = 2 };
-// Logits dtype; the accumulation dtype is float64 for kF64, else float32.
-enum class ZType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
 struct ElemParams {
   double alpha = -1.0;  // focal: weight of positives (negatives: 1 - alpha); < 0 = none
@@ -29,7 +28,7 @@ struct ElemParams {
 
 struct ElemArgs {
   const void* z = nullptr;  // [B, C] logits, dtype z_type
-  ZType z_type = ZType::kF32;
+  DType z_type = DType::kF32;  // the accumulation dtype is float64 for kF64, else float32
   int64_t B = 0, C = 0;
   const uint8_t* pos = nullptr;         // [B, C] nonzero = positive
   const uint8_t* ign = nullptr;         // [B, C] nonzero = ignored (loss and grad 0); null = none

@@ -47,44 +47,13 @@ double log1p(double) SHL_SIMD_MATH;
 namespace shl {
 namespace {
 
-template <ZType ZT>
-struct ZTraits;
-template <>
-struct ZTraits<ZType::kF32> {
-  using S = float;
-  using A = float;
-  static A load(S v) { return v; }
-  static S store(A v) { return v; }
-};
-template <>
-struct ZTraits<ZType::kF64> {
-  using S = double;
-  using A = double;
-  static A load(S v) { return v; }
-  static S store(A v) { return v; }
-};
-template <>
-struct ZTraits<ZType::kF16> {
-  using S = uint16_t;
-  using A = float;
-  static A load(S v) { return f16_to_f32(v); }
-  static S store(A v) { return f32_to_f16(v); }
-};
-template <>
-struct ZTraits<ZType::kBF16> {
-  using S = uint16_t;
-  using A = float;
-  static A load(S v) { return bf16_to_f32(v); }
-  static S store(A v) { return f32_to_bf16(v); }
-};
-
 constexpr int64_t kChunk = 256;
 constexpr int64_t kSerialBelow = 1 << 15;  // elements; smaller problems skip the thread start
 
-template <ZType ZT, ElemKind K, PowMode PM, bool Clip>
+template <DType ZT, ElemKind K, PowMode PM, bool Clip>
 void run(const ElemArgs& a) {
-  using Tr = ZTraits<ZT>;
-  using S = typename Tr::S;
+  using S = typename HostStorage<ZT>::type;
+  using Tr = Conv<S>;
   using A = typename Tr::A;
   const ElemCoef<A> c(a.p);
   const int64_t B = a.B, C = a.C;
@@ -152,13 +121,13 @@ void run(const ElemArgs& a) {
 
 // The variant of the formula, chosen once per call: integer exponents by multiplication
 // (the defaults: focal gamma 2, ASL gamma_pos 1 and gamma_neg 4) and ASL without clip.
-template <ZType ZT, ElemKind K, bool Clip>
+template <DType ZT, ElemKind K, bool Clip>
 void run_pow(const ElemArgs& a) {
   if (ElemCoef<double>(a.p).int_exps) return run<ZT, K, PowMode::kInt, Clip>(a);
   return run<ZT, K, PowMode::kAny, Clip>(a);
 }
 
-template <ZType ZT>
+template <DType ZT>
 void run_kind(const ElemArgs& a) {
   switch (a.kind) {
     case ElemKind::kBCE: return run<ZT, ElemKind::kBCE, PowMode::kAny, true>(a);
@@ -178,10 +147,10 @@ const char* elementwise_fused_cpu(const ElemArgs& a) {
   if (!a.loss_rows && !a.loss_el) return "elementwise_fused_cpu: no loss output";
   if (a.B * a.C > 0 && (!a.z || !a.pos)) return "elementwise_fused_cpu: z and pos are required";
   switch (a.z_type) {
-    case ZType::kF32: run_kind<ZType::kF32>(a); break;
-    case ZType::kF64: run_kind<ZType::kF64>(a); break;
-    case ZType::kF16: run_kind<ZType::kF16>(a); break;
-    case ZType::kBF16: run_kind<ZType::kBF16>(a); break;
+    case DType::kF32: run_kind<DType::kF32>(a); break;
+    case DType::kF64: run_kind<DType::kF64>(a); break;
+    case DType::kF16: run_kind<DType::kF16>(a); break;
+    case DType::kBF16: run_kind<DType::kBF16>(a); break;
     default: return "elementwise_fused_cpu: unsupported logits dtype";
   }
   return nullptr;

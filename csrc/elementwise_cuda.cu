@@ -1,45 +1,13 @@
 // CUDA fused elementwise losses (see elementwise.h). A warp per row when rows are short, a
 // block per row when they are long; both grid-stride over rows and reduce each row in a fixed
 // order, so the row losses are deterministic.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_common.cuh"
 #include "elementwise.h"
 
 namespace shl {
 namespace {
-
-template <ZType ZT>
-struct ZTraits;
-template <>
-struct ZTraits<ZType::kF32> {
-  using S = float;
-  using A = float;
-  static __device__ A load(S v) { return v; }
-  static __device__ S store(A v) { return v; }
-};
-template <>
-struct ZTraits<ZType::kF64> {
-  using S = double;
-  using A = double;
-  static __device__ A load(S v) { return v; }
-  static __device__ S store(A v) { return v; }
-};
-template <>
-struct ZTraits<ZType::kF16> {
-  using S = __half;
-  using A = float;
-  static __device__ A load(S v) { return __half2float(v); }
-  static __device__ S store(A v) { return __float2half_rn(v); }
-};
-template <>
-struct ZTraits<ZType::kBF16> {
-  using S = __nv_bfloat16;
-  using A = float;
-  static __device__ A load(S v) { return __bfloat162float(v); }
-  static __device__ S store(A v) { return __float2bfloat16_rn(v); }
-};
 
 constexpr int kBlock = 256;
 
@@ -50,11 +18,13 @@ __device__ A warp_sum(A v) {
 }
 
 // R threads per row: 32 (a warp) or kBlock (the whole block).
-template <ZType ZT, ElemKind K, int R>
-__global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a,
-                                                             ElemCoef<typename ZTraits<ZT>::A> c) {
-  using Tr = ZTraits<ZT>;
-  using S = typename Tr::S;
+template <DType ZT>
+using AccOf = typename DevConv<typename DevStorage<ZT>::type>::A;
+
+template <DType ZT, ElemKind K, int R>
+__global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a, ElemCoef<AccOf<ZT>> c) {
+  using S = typename DevStorage<ZT>::type;
+  using Tr = DevConv<S>;
   using A = typename Tr::A;
   constexpr int kRowsPerBlock = kBlock / R;
   __shared__ A partial[kBlock / 32];
@@ -100,12 +70,12 @@ __global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a,
   }
 }
 
-template <ZType ZT, ElemKind K>
+template <DType ZT, ElemKind K>
 cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
   int dev = 0, sms = 80;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);  // leaves 80 on error
-  const ElemCoef<typename ZTraits<ZT>::A> c(a.p);
+  const ElemCoef<AccOf<ZT>> c(a.p);
   const bool long_rows = a.C >= 1024;
   const int64_t rows_per_block = long_rows ? 1 : kBlock / 32;
   const int64_t want = (a.B + rows_per_block - 1) / rows_per_block;
@@ -117,7 +87,7 @@ cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <ZType ZT>
+template <DType ZT>
 cudaError_t launch_kind(const ElemArgs& a, cudaStream_t stream) {
   switch (a.kind) {
     case ElemKind::kBCE: return launch<ZT, ElemKind::kBCE>(a, stream);
@@ -133,30 +103,16 @@ const char* elementwise_fused_cuda(const ElemArgs& a, void* stream) {
   if (a.B < 0 || a.C < 0) return "elementwise_fused_cuda: negative B or C";
   if (!a.loss_rows && !a.loss_el) return "elementwise_fused_cuda: no loss output";
   if (a.B == 0) return nullptr;  // nothing to write; a zero-block launch would be an error
-  // Launch on the device holding z (this runtime's current device may differ from torch's),
-  // then restore the current device.
-  cudaPointerAttributes attr;
-  cudaError_t err = cudaPointerGetAttributes(&attr, a.z);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(err);
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    return "z: not in CUDA device memory";
-  int current = 0;
-  if ((err = cudaGetDevice(&current)) != cudaSuccess) return cudaGetErrorString(err);
-  if (attr.device != current && (err = cudaSetDevice(attr.device)) != cudaSuccess)
-    return cudaGetErrorString(err);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (a.z_type) {
-    case ZType::kF32: err = launch_kind<ZType::kF32>(a, s); break;
-    case ZType::kF64: err = launch_kind<ZType::kF64>(a, s); break;
-    case ZType::kF16: err = launch_kind<ZType::kF16>(a, s); break;
-    case ZType::kBF16: err = launch_kind<ZType::kBF16>(a, s); break;
-    default: err = cudaErrorInvalidValue;
-  }
-  if (attr.device != current) cudaSetDevice(current);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return on_device_of(a.z, "z: not in CUDA device memory", [&]() -> cudaError_t {
+    switch (a.z_type) {
+      case DType::kF32: return launch_kind<DType::kF32>(a, s);
+      case DType::kF64: return launch_kind<DType::kF64>(a, s);
+      case DType::kF16: return launch_kind<DType::kF16>(a, s);
+      case DType::kBF16: return launch_kind<DType::kBF16>(a, s);
+      default: return cudaErrorInvalidValue;
+    }
+  });
 }
 
 }  // namespace shl

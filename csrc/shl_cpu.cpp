@@ -72,73 +72,6 @@ inline float exp_f32(float x) {
 inline float exp_acc(float x) { return exp_f32(x); }
 inline double exp_acc(double x) { return std::exp(x); }
 
-template <class T, class A>
-inline A to_acc(T v);
-template <>
-inline float to_acc<float, float>(float v) { return v; }
-template <>
-inline double to_acc<double, double>(double v) { return v; }
-template <>
-inline float to_acc<uint16_t, float>(uint16_t v) { return bf16_to_f32(v); }
-
-template <class T, class A>
-inline T from_acc(A v);
-template <>
-inline float from_acc<float, float>(float v) { return v; }
-template <>
-inline double from_acc<double, double>(double v) { return v; }
-template <>
-inline uint16_t from_acc<uint16_t, float>(float v) { return f32_to_bf16(v); }
-
-inline uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// fp16 <-> fp32 in integer arithmetic with selects (after F. Giesen's half_to_float and
-// float_to_half_fast3_rtne): GCC 12 does not vectorise _Float16 conversions, these do.
-// Bit-exact with _Float16 casts (checked on all halves and on every 3rd float; NaN stays
-// NaN, with a canonical payload on store).
-inline float f16_bits_to_f32(uint16_t h) {
-  const uint32_t exp_mask = 0x7c00u << 13;
-  uint32_t o = static_cast<uint32_t>(h & 0x7fffu) << 13;
-  const uint32_t e = o & exp_mask;
-  o += 112u << 23;                                // rebias 15 -> 127
-  const uint32_t inf_nan = o + (112u << 23);      // exponent all ones
-  const uint32_t sub = bits_of(float_of(o + (1u << 23)) - float_of(113u << 23));  // renormalise
-  o = e == exp_mask ? inf_nan : (e == 0 ? sub : o);
-  return float_of(o | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
-inline uint16_t f32_to_f16_bits(float x) {
-  uint32_t f = bits_of(x);
-  const uint32_t sign = f & 0x80000000u;
-  f ^= sign;
-  const uint32_t inf_nan = f > (255u << 23) ? 0x7e00u : 0x7c00u;
-  // Subnormal halves: adding 0.5 rounds the mantissa into place (round to nearest even).
-  const uint32_t magic = 126u << 23;
-  const uint32_t sub = bits_of(float_of(f) + float_of(magic)) - magic;
-  // Normal halves: rebias, then round to nearest even through the 13 dropped bits.
-  const uint32_t rebias = static_cast<uint32_t>(15 - 127) << 23;
-  const uint32_t norm = (f + rebias + 0xfffu + ((f >> 13) & 1u)) >> 13;
-  const uint32_t o = f >= (143u << 23) ? inf_nan : (f < (113u << 23) ? sub : norm);
-  return static_cast<uint16_t>(o | (sign >> 16));
-}
-
-// fp16 storage: its own tag type so it does not collide with bf16's uint16_t.
-struct F16 {
-  uint16_t bits;
-};
-template <>
-inline float to_acc<F16, float>(F16 v) { return f16_bits_to_f32(v.bits); }
-template <>
-inline F16 from_acc<F16, float>(float v) { return F16{f32_to_f16_bits(v)}; }
-
 // Per-thread scratch, cache-line aligned; p is null when the allocation failed (no
 // exception may leave an OpenMP worksharing loop).
 template <class V>
@@ -215,7 +148,7 @@ struct Key<double> {
 
 template <class T, class A, bool kIgn, bool kDelta>
 inline A load(const T* z, const uint8_t* ig, const A* delta, int64_t c) {
-  A u = to_acc<T, A>(z[c]);
+  A u = Conv<T>::load(z[c]);
   if (kDelta) u += delta[c];
   if (kIgn) u = ig[c] ? -std::numeric_limits<A>::infinity() : u;
   return u;
@@ -300,14 +233,14 @@ inline A exp_sum(A* __restrict v, int64_t s, int64_t e, A M) {
 // Identity order: g[s..e) = v[s..e) * f in z's dtype.
 template <class T, class A>
 void store_scaled(const A* __restrict v, A f, T* __restrict g, int64_t s, int64_t e) {
-  for (int64_t p = s; p < e; ++p) g[p] = from_acc<T, A>(v[p] * f);
+  for (int64_t p = s; p < e; ++p) g[p] = Conv<T>::store(v[p] * f);
 }
 
 // Order given: g[c] = v[inv[c]], contiguous writes and gathered reads from scratch.
 template <class T, class A>
 void store_gathered(const A* __restrict v, const int32_t* __restrict inv, T* __restrict g,
                     int64_t C) {
-  for (int64_t c = 0; c < C; ++c) g[c] = from_acc<T, A>(v[inv[c]]);
+  for (int64_t c = 0; c < C; ++c) g[c] = Conv<T>::store(v[inv[c]]);
 }
 
 template <class A>
@@ -404,7 +337,7 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
       for (size_t q = p0; q < p1; ++q) v[plist[q].posn] = plist[q].g * a.scale;
     } else {
       store_scaled<T, A>(v, f, gr, s, e);
-      for (size_t q = p0; q < p1; ++q) gr[plist[q].c] = from_acc<T, A>(plist[q].g * a.scale);
+      for (size_t q = p0; q < p1; ++q) gr[plist[q].c] = Conv<T>::store(plist[q].g * a.scale);
     }
   }
   a.loss[i] = row_loss;
@@ -513,7 +446,7 @@ const char* shl_fused_cpu(const ShlArgs& a) {
   switch (a.z_dtype) {
     case DType::kF32: return run<float, float>(a, o, iv);
     case DType::kF64: return run<double, double>(a, o, iv);
-    case DType::kBF16: return run<uint16_t, float>(a, o, iv);
+    case DType::kBF16: return run<BF16, float>(a, o, iv);
     case DType::kF16: return run<F16, float>(a, o, iv);
     default: return "z: unsupported dtype (float32, float64, float16, bfloat16)";
   }

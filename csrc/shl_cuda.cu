@@ -18,13 +18,12 @@
 // A given element is only ever touched by one lane (same lane in every pass), and it is
 // read before it is written, so grad may alias z. The row loss is summed per thread in
 // a fixed order and then across the block in a fixed order: no atomics, deterministic.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "shl_args.h"
 
 namespace shl {
@@ -55,14 +54,6 @@ struct Params {
   A scale;
 };
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void store(float* p, float x) { *p = x; }
-__device__ __forceinline__ void store(double* p, double x) { *p = x; }
-__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
 // Inputs are max-shifted (arguments <= 0 except NaN/inf cases), where the fast
 // single-precision intrinsics are accurate; fp64 keeps the full-precision functions.
@@ -113,14 +104,14 @@ struct GlobalRow {
     return e;
   }
   __device__ __forceinline__ A u(int64_t, const Elem& e) const {
-    const A z = to_acc(P.z[base + e.id]);
+    const A z = DevConv<T>::load(P.z[base + e.id]);
     return P.delta ? z + P.delta[e.id] : z;
   }
   __device__ __forceinline__ A weight(int64_t, const Elem& e) const {
     return P.w ? P.w[e.id] : A(1);
   }
   __device__ __forceinline__ void put(int64_t, const Elem& e, A g) const {
-    store(&P.grad[base + e.id], g * P.scale);
+    P.grad[base + e.id] = DevConv<T>::store(g * P.scale);
   }
 };
 
@@ -141,14 +132,14 @@ struct StagedRow {
     return e;
   }
   __device__ __forceinline__ A u(int64_t p, const Elem&) const {
-    const A z = to_acc(zs[p]);
+    const A z = DevConv<T>::load(zs[p]);
     return P.delta ? z + P.delta[id(p)] : z;
   }
   __device__ __forceinline__ A weight(int64_t p, const Elem&) const {
     return P.w ? P.w[id(p)] : A(1);
   }
   __device__ __forceinline__ void put(int64_t p, const Elem&, A g) const {
-    store(&zs[p], g * P.scale);
+    zs[p] = DevConv<T>::store(g * P.scale);
   }
 };
 
@@ -457,7 +448,7 @@ const char* staged_occupancy(int64_t C, int* blocks_per_sm, int* bytes_out) {
 }
 
 template <class T, class A>
-const char* launch(const ShlArgs& a, cudaStream_t stream) {
+cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   Params<T, A> P;
   P.z = static_cast<const T*>(a.z);
   P.grad = static_cast<T*>(a.grad);
@@ -486,41 +477,32 @@ const char* launch(const ShlArgs& a, cudaStream_t stream) {
   } else {
     shl_fused_kernel<T, A><<<blocks, kThreads, 0, stream>>>(P);
   }
-  if (e == cudaSuccess) e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  return e == cudaSuccess ? cudaGetLastError() : e;
 }
 
-const char* dispatch(const ShlArgs& a, cudaStream_t stream) {
-  switch (a.z_dtype) {
-    case DType::kF32: return launch<float, float>(a, stream);
-    case DType::kF64: return launch<double, double>(a, stream);
-    case DType::kF16: return launch<__half, float>(a, stream);
-    case DType::kBF16: return launch<__nv_bfloat16, float>(a, stream);
-    default: return "unsupported z dtype (expected float32, float64, float16 or bfloat16)";
-  }
+template <DType D>
+cudaError_t launch_dtype(const ShlArgs& a, cudaStream_t stream) {
+  using T = typename DevStorage<D>::type;
+  return launch<T, typename DevConv<T>::A>(a, stream);
 }
 
 }  // namespace
 
 const char* shl_fused_cuda(const ShlArgs& a, void* stream) {
   if (a.B <= 0) return nullptr;  // nothing to write; a zero-block launch would be an error
-  // Launch on the device holding the outputs (the caller's current device may differ),
-  // then restore the current device.
-  cudaPointerAttributes attr;
-  cudaError_t e = cudaPointerGetAttributes(&attr, a.loss);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(e);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.z_dtype) {
+    case DType::kF32: case DType::kF64: case DType::kF16: case DType::kBF16: break;
+    default: return "unsupported z dtype (expected float32, float64, float16 or bfloat16)";
   }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    return "loss: not in CUDA device memory";
-  int current = 0;
-  if ((e = cudaGetDevice(&current)) != cudaSuccess) return cudaGetErrorString(e);
-  if (attr.device != current && (e = cudaSetDevice(attr.device)) != cudaSuccess)
-    return cudaGetErrorString(e);
-  const char* err = dispatch(a, static_cast<cudaStream_t>(stream));
-  if (attr.device != current) cudaSetDevice(current);
-  return err;
+  return on_device_of(a.loss, "loss: not in CUDA device memory", [&]() -> cudaError_t {
+    switch (a.z_dtype) {
+      case DType::kF32: return launch_dtype<DType::kF32>(a, s);
+      case DType::kF64: return launch_dtype<DType::kF64>(a, s);
+      case DType::kF16: return launch_dtype<DType::kF16>(a, s);
+      default: return launch_dtype<DType::kBF16>(a, s);
+    }
+  });
 }
 
 const char* shl_cuda_staged_occupancy(DType z_dtype, int64_t C, int* blocks_per_sm,

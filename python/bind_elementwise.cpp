@@ -13,15 +13,6 @@ namespace py = pybind11;
 namespace shl {
 namespace {
 
-ZType ztype(DType d) {
-  switch (d) {
-    case DType::kF64: return ZType::kF64;
-    case DType::kF16: return ZType::kF16;
-    case DType::kBF16: return ZType::kBF16;
-    default: return ZType::kF32;
-  }
-}
-
 // Checks every tensor (shape, dtype, device) and fills the kernel arguments.
 ElemArgs make_args(const py::object& z_, const py::object& pos_, const py::object& ign_,
                    const py::object& weight_, const py::object& pos_weight_,
@@ -68,7 +59,7 @@ ElemArgs make_args(const py::object& z_, const py::object& pos_, const py::objec
   if (!(eps > 0)) throw py::value_error("eps: must be > 0");
   ElemArgs a;
   a.z = z.data;
-  a.z_type = ztype(zd);
+  a.z_type = zd;
   a.B = B;
   a.C = C;
   a.pos = pos.ptr<uint8_t>();
