@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check on an H100 (issue 4): build the CUDA extension, run the GPU tests (training
-# shapes, then every kernel test file), measure device copy bandwidth, run the loss benchmark,
-# measure the kernels' own time and bandwidth (benchmarks/kernel_bandwidth.py).
+# shapes, then every kernel test file), run the loss benchmark, measure the kernels' own time
+# and bandwidth against the device copy bandwidth (benchmarks/kernel_bandwidth.py), profile
+# the staged CUDA kernel with Nsight Compute.
 # Knobs for a targeted rerun: STEPS, DEVICE_SECONDS, BENCH_LOSSES, KERNEL_TESTS_K, GIT_COMMIT.
 # Every step is timed and bounded; a failing step is reported and the next ones still run.
 # The whole script stays under ~8 minutes. Logs and results go to ${OUT:-benchmarks/results}:
@@ -75,25 +76,6 @@ if [[ -f $OUT_DIR/build.log ]] && ! grep -q "Successfully installed" "$OUT_DIR/b
   echo "Triton continues from the source tree."
 fi
 
-step copy_bw 40 "$PY" - <<'EOF'
-import statistics
-
-import torch
-
-x = torch.ones(1 << 30, dtype=torch.uint8, device="cuda")
-times = []
-for i in range(12):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    y = x.clone()
-    end.record()
-    torch.cuda.synchronize()
-    del y
-    if i >= 2:
-        times.append(start.elapsed_time(end))
-ms = statistics.median(times)
-print(f"clone of 1 GiB: median {ms:.3f} ms = {2 * (1 << 30) / ms / 1e6:.0f} GB/s (read + write)")
-EOF
 
 if [[ -f benchmarks/bench_loss.py ]]; then
   TAIL=12 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --quick-gpu \
@@ -118,7 +100,19 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 
 # Kernel-only time and bandwidth of every SHL kernel (CUDA staged / unstaged, Triton), in
 # shuffled and in segment order, against the copy bandwidth.
+# (It measures the device copy bandwidth first.)
 TAIL=20 step kernel_bw 90 "$PY" benchmarks/kernel_bandwidth.py
+
+# Nsight Compute on one launch of the staged CUDA kernel (4096 x 32768, bf16, shuffled
+# labels): what bounds it (memory, issue or latency), its occupancy and warp stalls.
+if command -v ncu >/dev/null; then
+  TAIL=80 step ncu 120 ncu -k regex:shl_staged_kernel -c 1 --section SpeedOfLight \
+    --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    "$PY" benchmarks/kernel_bandwidth.py --kernels "cuda staged" --orders shuffled \
+    --shape 4096,32768,100 --repeats 1 --warmup 0
+else
+  SUMMARY+=("$(printf '%-14s %-22s %5s' ncu "skipped: no ncu" -)")
+fi
 
 echo
 echo "=== summary (logs in $OUT_DIR)"

@@ -57,7 +57,12 @@ def main() -> None:
     p.add_argument("--shape", action="append",
                    help="B,C,m (repeatable; default 4096,32768,100 and 16,8192,64)")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kernels", help="comma list among: cuda staged, cuda unstaged, triton")
+    p.add_argument("--orders", default="shuffled,segment", help="shuffled, segment or both")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
+    wanted = None if args.kernels is None else {k.strip() for k in args.kernels.split(",")}
     shapes = [tuple(map(int, s.split(","))) for s in args.shape or
               ["4096,32768,100", "16,8192,64"]]
     dtype = getattr(torch, args.dtype)
@@ -70,16 +75,18 @@ def main() -> None:
             from shl_kernels.backends import native
             blocks, nbytes = native().cuda_staged_occupancy(args.dtype, C)
             print(f"staged CUDA kernel, C={C}: {nbytes} B shared memory, {blocks} blocks/SM")
-        for ordered in (False, True):
+        for ordered in [o == "segment" for o in args.orders.split(",")]:
             seg, z, pos, w, eta = make_inputs(B, C, m, dtype, "cuda", ordered=ordered)
             order = None if seg.is_identity_order else seg.order.cuda()
             offsets = seg.offsets.cuda()
             nbytes = B * C * (2 * z.element_size() + 1)
             for name, fn in kernels().items():
+                if wanted is not None and name not in wanted:
+                    continue
                 call = partial(fn, z, pos.view(torch.uint8), None, order, offsets, w,
                                eta.detach(), None, 1.0 / B, True)
                 try:
-                    ms = cuda_ms(call)
+                    ms = cuda_ms(call, args.repeats, args.warmup)
                 except Exception as e:  # noqa: BLE001 - one failing kernel is reported
                     print(f"  {name}: failed: {type(e).__name__}: {e}", flush=True)
                     continue
