@@ -4,9 +4,9 @@
 // Design: one block per row (grid-stride over rows). When the row fits shared memory
 // (C * (sizeof(z) + 1) bytes: bf16 up to ~77k labels on sm_90) it is staged there in
 // segment order, read and written coalesced (shl_staged_kernel); otherwise the segments
-// gather from global memory (shl_fused_kernel). Either way warp w takes the row's segments
-// k = w (mod warps), 32 at a time (one per lane), so the large segments, usually few,
-// spread over the warps. A segment of at most kSmall labels is handled by its lane
+// gather from global memory (shl_fused_kernel). Either way the warps deal out the row's
+// segments, largest first, 32 at a time (one per lane; see row_loss), so the large
+// segments, usually few, spread over the warps. A segment of at most kSmall labels is handled by its lane
 // alone, a larger one by the whole warp (lane-strided loops, shuffle reductions):
 // singleton segments do not waste a warp and 10k-label segments still get 32 lanes.
 // Each segment takes three passes over its labels:
@@ -215,8 +215,9 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, int64_t k
 // The row's segments over the block's NT threads: warp w takes the segments at schedule
 // indices i = w (mod NT/32), 32 at a time (one per lane). With the schedule listing the
 // segments largest first, the large ones are dealt round-robin over the warps, which
-// balances them (on a Dirichlet split of 32768 labels the busiest of 16 warps had 2x the
-// mean work in label order).
+// balances them (on a Dirichlet split of 32768 labels into 100 segments the busiest of 16
+// warps had 2x the mean work in label order; the H100 benchmark showed no speed change,
+// so the kernel is bound elsewhere there).
 // A segment of at most kSmall labels is handled by its lane alone, a larger one by the
 // whole warp. Writes loss[row] (block-wide sum in a fixed order: deterministic); ends with
 // a __syncthreads, so the row's gradient writes are visible to the whole block.
@@ -225,7 +226,7 @@ __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row, A* wa
   constexpr int kW = NT / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   A acc = 0;
-  // Lane l of warp w, round j: segment k = w + kW (32 j + l).
+  // Lane l of warp w, round j: schedule index i = w + kW (32 j + l).
   for (int64_t first = warp; first < P.m; first += NT) {
     const int64_t i = first + int64_t(kW) * lane;
     const bool valid = i < P.m;

@@ -30,17 +30,16 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
            const py::object& schedule) {
   ShlArgs a = shl_args_from_capsules(Backend::kCUDA, z, pos, ign, order, offsets, w, eta, delta,
                                      grad_scale, loss, grad, grad_eta);
+  const TensorView zv = view(z, "z");
   if (!position.is_none()) {
     if (order.is_none())
       throw py::value_error("position: given without order (it is order's inverse); pass None");
-    const TensorView zv = view(z, "z");
     a.position = detail::arg(position, "position", zv, false, DType::kI32, "int32", {a.C})
                      .ptr<const int32_t>();
   }
   a.cuda_staging = staged ? 1 : 0;
   if (!schedule.is_none())
-    a.schedule = detail::arg(schedule, "schedule", view(z, "z"), false, DType::kI32, "int32",
-                             {a.m})
+    a.schedule = detail::arg(schedule, "schedule", zv, false, DType::kI32, "int32", {a.m})
                      .ptr<const int32_t>();
   const char* err;
   {
