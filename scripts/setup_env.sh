@@ -9,5 +9,5 @@ pip install -q torch==2.13.0          # CPU wheel from local disk; must come fir
 # triton 3.6's CPU interpreter breaks on numpy 2.4; build tools come from here because the
 # package is built with --no-build-isolation (isolation would pull a CUDA torch).
 pip install -q "numpy<2.4" triton==3.6.0 "numba==0.68.*" "pybind11==3.1.*" cmake ninja \
-    scipy tqdm matplotlib networkx pytest ruff
+    scipy tqdm matplotlib networkx pytest ruff "faiss-cpu==1.15.*"
 pip install -q --no-build-isolation -e .
