@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import torch
-from scipy.stats import hypergeom
+from scipy.special import gammaln
 from tqdm.auto import tqdm
 
 from .label_matrix import label_csr
@@ -216,7 +216,7 @@ def find_noisy_labels(embeddings, labels, *, k: int = 10, num_labels: int | None
     at_pos = ((counts + y).multiply(y)).tocoo()
     doc, lab, cnt = at_pos.row, at_pos.col, at_pos.data - 1
     # Among the N - 1 other documents, freq - 1 carry the label; k of them are drawn.
-    p_pos = hypergeom.cdf(cnt, n - 1, freq[lab] - 1, k)
+    p_pos = _hypergeom_cdf(n - 1, freq - 1, k)[lab, cnt]  # P(count <= cnt)
     sel = p_pos <= alpha
     pos_pairs, p_pos = _sorted_pairs(doc[sel], lab[sel], p_pos[sel])
 
@@ -225,13 +225,38 @@ def find_noisy_labels(embeddings, labels, *, k: int = 10, num_labels: int | None
     need = max(1, math.ceil(min_agreement * k - 1e-9))
     ok = absent.data >= need
     doc, lab, cnt = absent.row[ok], absent.col[ok], absent.data[ok]
-    p_miss = hypergeom.sf(cnt - 1, n - 1, freq[lab], k)  # P(count >= cnt)
+    p_miss = _hypergeom_sf(n - 1, freq, k)[lab, cnt]  # P(count >= cnt)
     sel = p_miss <= alpha
     miss_pairs, p_miss = _sorted_pairs(doc[sel], lab[sel], p_miss[sel])
 
     return NoiseReport(num_labels=num_labels, k=k, alpha=alpha, flag=flag, neighbors=ids,
                        scores=scores, suspect_positive=pos_pairs, positive_pvalue=p_pos,
                        suspect_missing=miss_pairs, missing_pvalue=p_miss)
+
+
+def _hypergeom_pmf(total: int, carriers: np.ndarray, k: int) -> np.ndarray:
+    """[len(carriers), k + 1]: P(j of k documents drawn from `total` carry the label), for
+    each label's number of carriers: one table per call instead of a scipy call per pair
+    (counts never exceed k)."""
+    j = np.arange(k + 1)[None, :]
+    a = carriers.astype(np.float64)[:, None]
+
+    def log_comb(n, r):
+        ok = (r >= 0) & (r <= n)
+        r0, s0 = np.where(ok, r, 0), np.where(ok, n - r, 0)
+        return np.where(ok, gammaln(n + 1) - gammaln(r0 + 1) - gammaln(s0 + 1), -np.inf)
+
+    return np.exp(log_comb(a, j) + log_comb(total - a, k - j) - log_comb(float(total), k))
+
+
+def _hypergeom_cdf(total: int, carriers: np.ndarray, k: int) -> np.ndarray:
+    return np.minimum(np.cumsum(_hypergeom_pmf(total, carriers, k), axis=1), 1.0)
+
+
+def _hypergeom_sf(total: int, carriers: np.ndarray, k: int) -> np.ndarray:
+    """[:, j] = P(count >= j), summed from the tail (small tails keep their precision)."""
+    pmf = _hypergeom_pmf(total, carriers, k)
+    return np.minimum(np.cumsum(pmf[:, ::-1], axis=1)[:, ::-1], 1.0)
 
 
 def _sorted_pairs(doc, lab, p) -> tuple[np.ndarray, np.ndarray]:
