@@ -181,7 +181,7 @@ def _check(k, n, alpha, min_agreement, flag, metric, device, batch_size) -> None
 def find_noisy_labels(embeddings, labels, *, k: int = 10, num_labels: int | None = None,
                       alpha: float = 0.01, min_agreement: float = 0.5, flag: str = "both",
                       metric: str = "cosine", device: str = "auto", batch_size: int = 4096,
-                      progress: bool = False) -> NoiseReport:
+                      progress: bool | None = None) -> NoiseReport:
     """Flag doubtful (document, label) pairs by the labels of each document's k nearest
     neighbours (see the module docstring); `report.ignore` feeds the loss.
 
@@ -191,8 +191,8 @@ def find_noisy_labels(embeddings, labels, *, k: int = 10, num_labels: int | None
     required for lists. alpha: p-value threshold of both tests. min_agreement: fraction of
     neighbours that must carry a label before its absence is suspect. flag: which suspects
     go into `ignore` ("both", "positives", "missing"). metric: "cosine" (default), "ip" or
-    "l2". device: "auto" (FAISS GPUs when present), "cpu" or "cuda". Inputs are not
-    modified.
+    "l2". device: "auto" (FAISS GPUs when present), "cpu" or "cuda". progress: a tqdm bar
+    over the neighbour search (default: from 20,000 documents on). Inputs are not modified.
     """
     x = _embeddings(embeddings)
     n = len(x)
@@ -205,6 +205,8 @@ def find_noisy_labels(embeddings, labels, *, k: int = 10, num_labels: int | None
     if len(indptr) - 1 != n:
         raise ValueError(f"labels: {len(indptr) - 1} documents, embeddings {n}")
 
+    if progress is None:
+        progress = n >= 20_000
     ids, scores = _neighbors(x, k, metric, device, batch_size, progress)
     y = sp.csr_array((np.ones(len(indices), np.int32), indices, indptr), shape=(n, num_labels))
     nb = sp.csr_array((np.ones(n * k, np.int32), ids.ravel(), np.arange(0, n * k + 1, k)),
