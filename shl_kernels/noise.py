@@ -209,27 +209,36 @@ def find_noisy_labels(embeddings, labels, *, k: int = 10, num_labels: int | None
         progress = n >= 20_000
     ids, scores = _neighbors(x, k, metric, device, batch_size, progress)
     y = sp.csr_array((np.ones(len(indices), np.int32), indices, indptr), shape=(n, num_labels))
-    nb = sp.csr_array((np.ones(n * k, np.int32), ids.ravel(), np.arange(0, n * k + 1, k)),
-                      shape=(n, n))
-    counts = (nb @ y).tocsr()  # [N, C] neighbours carrying each label
     freq = np.bincount(indices, minlength=num_labels)
-
-    # Counts at every positive, zeros included: (counts + y) holds count + 1 there.
-    at_pos = ((counts + y).multiply(y)).tocoo()
-    doc, lab, cnt = at_pos.row, at_pos.col, at_pos.data - 1
-    # Among the N - 1 other documents, freq - 1 carry the label; k of them are drawn.
-    p_pos = _hypergeom_cdf(n - 1, freq - 1, k)[lab, cnt]  # P(count <= cnt)
-    sel = p_pos <= alpha
-    pos_pairs, p_pos = _sorted_pairs(doc[sel], lab[sel], p_pos[sel])
-
-    # Labels the document lacks, carried by >= min_agreement of its neighbours.
-    absent = (counts - counts.multiply(y)).tocoo()
+    # P-value tables per label; among the N - 1 other documents, a document's own label is
+    # carried by freq - 1 of them, a label it lacks by freq.
+    cdf_pos = _hypergeom_cdf(n - 1, freq - 1, k)  # [:, j] = P(count <= j)
+    sf_miss = _hypergeom_sf(n - 1, freq, k)  # [:, j] = P(count >= j)
     need = max(1, math.ceil(min_agreement * k - 1e-9))
-    ok = absent.data >= need
-    doc, lab, cnt = absent.row[ok], absent.col[ok], absent.data[ok]
-    p_miss = _hypergeom_sf(n - 1, freq, k)[lab, cnt]  # P(count >= cnt)
-    sel = p_miss <= alpha
-    miss_pairs, p_miss = _sorted_pairs(doc[sel], lab[sel], p_miss[sel])
+    found = {"pos": [], "miss": []}
+    # Neighbour label counts block by block: memory O(batch_size * k * labels per doc).
+    for s0 in range(0, n, batch_size):
+        s1 = min(s0 + batch_size, n)
+        rows = s1 - s0
+        nb = sp.csr_array((np.ones(rows * k, np.int32), ids[s0:s1].ravel(),
+                           np.arange(0, rows * k + 1, k)), shape=(rows, n))
+        yb = y[s0:s1]
+        counts = (nb @ y).tocsr()  # [rows, C] neighbours carrying each label
+        # Counts at every positive, zeros included: (counts + yb) holds count + 1 there.
+        at_pos = (counts + yb).multiply(yb).tocoo()
+        doc, lab, cnt = at_pos.row, at_pos.col, at_pos.data - 1
+        p = cdf_pos[lab, cnt]
+        sel = p <= alpha
+        found["pos"].append((doc[sel] + s0, lab[sel], p[sel]))
+        # Labels the document lacks, carried by >= min_agreement of its neighbours.
+        absent = (counts - counts.multiply(yb)).tocoo()
+        ok = absent.data >= need
+        doc, lab, cnt = absent.row[ok], absent.col[ok], absent.data[ok]
+        p = sf_miss[lab, cnt]
+        sel = p <= alpha
+        found["miss"].append((doc[sel] + s0, lab[sel], p[sel]))
+    pos_pairs, p_pos = _sorted_pairs(*(np.concatenate(v) for v in zip(*found["pos"])))
+    miss_pairs, p_miss = _sorted_pairs(*(np.concatenate(v) for v in zip(*found["miss"])))
 
     return NoiseReport(num_labels=num_labels, k=k, alpha=alpha, flag=flag, neighbors=ids,
                        scores=scores, suspect_positive=pos_pairs, positive_pvalue=p_pos,

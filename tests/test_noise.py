@@ -208,3 +208,13 @@ def test_ignore_rows_checks_ids():
         rep.ignore_rows([[0, 1]])
     indptr, indices = rep.ignore_rows([])
     assert indptr.tolist() == [0] and indices.numel() == 0
+
+
+def test_blocks_do_not_change_the_result():
+    x, labels, C, _, _ = _planted(n=500, n_noisy=10, seed=7)
+    one = find_noisy_labels(x, labels, num_labels=C, k=20)
+    many = find_noisy_labels(x, labels, num_labels=C, k=20, batch_size=37)
+    for name in ("neighbors", "suspect_positive", "positive_pvalue", "suspect_missing",
+                 "missing_pvalue"):
+        assert np.array_equal(getattr(one, name), getattr(many, name)), name
+    assert len(one.suspect_missing) and len(one.suspect_positive)
