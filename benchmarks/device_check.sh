@@ -100,8 +100,10 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 
 # Kernel-only time and bandwidth of every SHL kernel (CUDA staged / unstaged, Triton), in
 # shuffled and in segment order, against the copy bandwidth.
-# (It measures the device copy bandwidth first.)
-TAIL=20 step kernel_bw 90 "$PY" benchmarks/kernel_bandwidth.py
+# (It measures the device copy bandwidth first.) Then where the host time of a B=16 step
+# goes (torch.profiler), in the same log.
+TAIL=20 step kernel_bw 120 bash -c "$PY benchmarks/kernel_bandwidth.py && \
+  $PY benchmarks/profile_step.py --steps 30"
 
 # Nsight Compute on one launch of the staged CUDA kernel (4096 x 32768, bf16, shuffled
 # labels): what bounds it (memory, issue or latency), its occupancy and warp stalls.

@@ -1,0 +1,58 @@
+"""Where the time of one small SHL training step goes on a GPU (issue 4's B=16 target):
+host time per step, GPU kernel time, and the torch.profiler table of the ops it launches.
+
+Usage: python benchmarks/profile_step.py [--shape 16,8192,64] [--backends cuda,triton]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_loss import make_inputs
+from torch.profiler import ProfilerActivity, profile
+
+import shl_kernels as shl
+from shl_kernels.backends import why_unavailable
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="16,8192,64")
+    p.add_argument("--backends", default="cuda,triton")
+    p.add_argument("--steps", type=int, default=50)
+    args = p.parse_args()
+    B, C, m = map(int, args.shape.split(","))
+    seg, z0, pos, w, eta = make_inputs(B, C, m, torch.float32, "cuda")
+    for backend in args.backends.split(","):
+        if why_unavailable(backend) is not None:
+            print(f"{backend}: unavailable ({why_unavailable(backend)})")
+            continue
+        z = z0.clone().requires_grad_(True)
+
+        def step(backend=backend, z=z):
+            z.grad = None
+            shl.segmented_harmonic_loss(z, pos, seg, label_weights=w, null_logits=eta,
+                                        backend=backend).backward()
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        host = (time.perf_counter() - t0) / args.steps * 1e6
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / args.steps * 1e6
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n{backend} B={B} C={C} m={m}: host {host:.0f} us/step (no sync), "
+              f"{wall:.0f} us/step with the final sync")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18,
+                                        max_name_column_width=48))
+
+
+if __name__ == "__main__":
+    main()
