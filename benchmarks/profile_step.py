@@ -23,7 +23,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
     B, C, m = map(int, args.shape.split(","))
-    seg, z0, pos, w, eta = make_inputs(B, C, m, torch.float32, "cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    seg, z0, pos, w, eta = make_inputs(B, C, m, torch.float32, device)
     for backend in args.backends.split(","):
         if why_unavailable(backend) is not None:
             print(f"{backend}: unavailable ({why_unavailable(backend)})")
@@ -37,17 +40,17 @@ def main() -> None:
 
         for _ in range(5):
             step()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
         host = (time.perf_counter() - t0) / args.steps * 1e6
-        torch.cuda.synchronize()
+        sync()
         wall = (time.perf_counter() - t0) / args.steps * 1e6
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=activities) as prof:
             for _ in range(10):
                 step()
-            torch.cuda.synchronize()
+            sync()
         print(f"\n{backend} B={B} C={C} m={m}: host {host:.0f} us/step (no sync), "
               f"{wall:.0f} us/step with the final sync")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18,
