@@ -188,6 +188,7 @@ def _write(result: dict, out: Path) -> None:
     ep = [r["epoch"] for r in h]
     ax.plot(ep, [r["train_loss"] for r in h], "o-", label="train loss")
     ax.set_xlabel("epoch")
+    ax.set_xticks(ep)
     ax.set_ylabel("train loss")
     ax2 = ax.twinx()
     ax2.plot(ep, [r["val_micro_f1"] for r in h], "s-", color="tab:red", label="val micro F1")
