@@ -45,6 +45,10 @@ class ChunkedCodingModel(nn.Module):
         # transformers 5 ignores vocab_file=; vocab= is the argument that loads it.
         self.tokenizer = BertTokenizer(vocab=str(vocab), do_lower_case=True)
         self.encoder = AutoModel.from_pretrained(str(path))
+        if getattr(self.encoder, "pooler", None) is not None:
+            # Unused (tokens are mean-pooled): it would hold weights without gradients,
+            # which DistributedDataParallel refuses, and cost a matmul per chunk.
+            self.encoder.pooler = None
         max_pos = getattr(self.encoder.config, "max_position_embeddings", chunk_tokens)
         if chunk_tokens > max_pos:
             raise ValueError(f"chunk_tokens: {chunk_tokens} exceeds the encoder's "

@@ -7,11 +7,17 @@ training labels from the pretrained encoder's note embeddings (`find_noisy_label
 ignore them in the loss; fine-tune; after every epoch tune the decision threshold on
 validation (micro F1); report test metrics at the tuned threshold. SHL scores a code by
 its segment softmax (`segment_probs`), the baselines by the sigmoid.
+
+More than one GPU or machine: launch with torchrun (`torchrun --nproc-per-node 4 -m
+shl_kernels.train ...`): every process trains on its share of each epoch's notes with
+`DistributedDataParallel` (NCCL on GPUs, gloo on CPUs; batch_size is per process), all
+evaluate the same validation and test notes, rank 0 writes the results.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +73,18 @@ def _targets(codes: list[list[int]], C: int, device) -> torch.Tensor:
     return y.to(device)
 
 
+class _Step(torch.nn.Module):
+    """Model and loss in one module, so that DistributedDataParallel synchronises the
+    gradients of SHL's null logits too."""
+
+    def __init__(self, model: ChunkedCodingModel, crit: torch.nn.Module | None) -> None:
+        super().__init__()
+        self.model, self.crit = model, crit
+
+    def forward(self, texts, targets, ignore, loss_fn):
+        return loss_fn(self.model(texts), targets, ignore=ignore)
+
+
 class _Objective:
     """The training loss and the matching code scores (probabilities)."""
 
@@ -118,6 +136,8 @@ def train_and_evaluate(data: CodingData, cfg: TrainConfig, out_dir: str | Path |
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun: set in main
     train, val, test = data.split(seed=cfg.seed)
     if min(len(train.texts), len(val.texts), len(test.texts)) == 0:
         raise ValueError(f"data: {len(data.texts)} notes are too few to split 70/15/15")
@@ -134,26 +154,34 @@ def train_and_evaluate(data: CodingData, cfg: TrainConfig, out_dir: str | Path |
     opt = torch.optim.AdamW([
         {"params": model.encoder.parameters(), "lr": cfg.lr},
         {"params": [*model.head.parameters(), *objective.parameters()], "lr": cfg.head_lr}])
+    step = _Step(model, objective.crit)
+    rank, world = _dist_rank_world()
+    if world > 1:
+        step = torch.nn.parallel.DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == "cuda" else None)
+    progress = progress and rank == 0
     y_val, y_test = _targets(val.codes, C, "cpu"), _targets(test.codes, C, "cpu")
     history = []
     rng = np.random.default_rng(cfg.seed)
     for epoch in range(1, cfg.epochs + 1):
         t0, losses = time.perf_counter(), []
-        order = rng.permutation(len(train.texts))
+        order = rng.permutation(len(train.texts))  # the same on every rank (same seed)
+        # Every rank takes the same number of notes (DDP needs equal step counts); rank r
+        # gets notes r, r + world, ...: together one batch of batch_size * world notes.
+        order = order[: len(order) // world * world][rank::world]
         batches = range(0, len(order), cfg.batch_size)
         for s in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress):
             idx = order[s:s + cfg.batch_size]
-            logits = model([train.texts[i] for i in idx])
             targets = _targets([train.codes[i] for i in idx], C, device)
             ignore = None if report is None else report.ignore_rows(idx, device=device)
-            loss = objective.loss(logits, targets, ignore=ignore)
+            loss = step([train.texts[i] for i in idx], targets, ignore, objective.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
         p_val = _predict(model, objective, val, 4 * cfg.batch_size)
         threshold, val_f1 = best_threshold(p_val, y_val)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+        history.append({"epoch": epoch, "train_loss": _mean_over_ranks(losses, device),
                         "val_micro_f1": val_f1, "threshold": threshold,
                         "seconds": time.perf_counter() - t0})
         if progress:
@@ -168,9 +196,25 @@ def train_and_evaluate(data: CodingData, cfg: TrainConfig, out_dir: str | Path |
               "ignored_pairs": 0 if report is None else report.num_flagged,
               "truncated_tokens": model.truncated_tokens, "history": history,
               "test": test_metrics}
-    if out_dir is not None:
+    if out_dir is not None and rank == 0:
         _write(result, Path(out_dir))
     return result
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_ranks(values: list[float], device: torch.device) -> float:
+    """Mean of every rank's values (each rank has as many: equal step counts)."""
+    t = torch.tensor([float(np.mean(values))], dtype=torch.float64, device=device)
+    if _dist_rank_world()[1] > 1:
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return float(t)
 
 
 def _write(result: dict, out: Path) -> None:
@@ -220,10 +264,20 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(flag, type=type(v) if v is not None else str, default=v)
     p.add_argument("--out", default="runs/latest", help="metrics.json and curve.png go here")
     a = p.parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():  # launched by torchrun
+        gpu = torch.cuda.is_available() and a.device != "cpu"
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
     data = (builtin_notes(a.notes, a.codes, label_noise=a.label_noise, seed=a.seed)
             if a.data == "builtin" else load_jsonl(a.data))
     cfg = TrainConfig(**{f: getattr(a, f) for f in asdict(d)})
     result = train_and_evaluate(data, cfg, a.out)
+    if distributed:
+        torch.distributed.destroy_process_group()
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
     t = result["test"]
     print(f"test ({result['notes']['test']} notes, {result['num_labels']} codes, "
           f"{result['num_segments']} segments): micro F1 {t['micro_f1']:.4f}, macro F1 "
