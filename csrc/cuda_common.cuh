@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "dtype.h"
 
 namespace shl {
@@ -58,25 +60,45 @@ struct DevStorage<DType::kBF16> {
   using type = __nv_bfloat16;
 };
 
-// Runs launch() (returning a cudaError_t) with the device holding `out` current (the
+// Runs launch() (returning a cudaError_t) with the device holding the outputs current (the
 // caller's current device may differ: torch tracks its own), then restores the current
-// device. Returns nullptr or the CUDA error text; not_device_msg is the error when `out` is not device memory.
+// device. `device` is that device when the caller knows it (the bindings read it from
+// DLPack), else -1: the driver is asked where `out` lives (a pointer-attribute query per
+// launch), and not_device_msg is the error when it is not device memory.
+// Returns nullptr or the CUDA error text.
 template <class Launch>
-const char* on_device_of(const void* out, const char* not_device_msg, Launch&& launch) {
-  cudaPointerAttributes attr;
-  cudaError_t e = cudaPointerGetAttributes(&attr, out);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(e);
+const char* on_device_of(int device, const void* out, const char* not_device_msg,
+                         Launch&& launch) {
+  cudaError_t e;
+  if (device < 0) {
+    cudaPointerAttributes attr;
+    if ((e = cudaPointerGetAttributes(&attr, out)) != cudaSuccess) {
+      cudaGetLastError();
+      return cudaGetErrorString(e);
+    }
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+      return not_device_msg;
+    device = attr.device;
   }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    return not_device_msg;
   int current = 0;
   if ((e = cudaGetDevice(&current)) != cudaSuccess) return cudaGetErrorString(e);
-  if (attr.device != current && (e = cudaSetDevice(attr.device)) != cudaSuccess)
+  if (device != current && (e = cudaSetDevice(device)) != cudaSuccess)
     return cudaGetErrorString(e);
   e = launch();
-  if (attr.device != current) cudaSetDevice(current);
+  if (device != current) cudaSetDevice(current);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
+
+// A per-device int the launchers compute once (device attributes, function attributes set);
+// 0 = not yet. Races only repeat the computation.
+constexpr int kMaxCachedDevices = 64;
+struct PerDevice {
+  std::atomic<int> v[kMaxCachedDevices] = {};
+  int get(int dev) const {
+    return dev >= 0 && dev < kMaxCachedDevices ? v[dev].load(std::memory_order_relaxed) : 0;
+  }
+  void set(int dev, int x) {
+    if (dev >= 0 && dev < kMaxCachedDevices) v[dev].store(x, std::memory_order_relaxed);
+  }
+};
 }  // namespace shl

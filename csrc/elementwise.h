@@ -41,6 +41,7 @@ struct ElemArgs {
   void* loss_el = nullptr;              // out [B, C] z dtype: the losses; null = skip
   void* grad = nullptr;                 // out [B, C] z dtype: grad_scale * dl/dz; null = skip
   int num_threads = 0;                  // CPU: OpenMP threads (0 = runtime default)
+  int device = -1;                      // CUDA: device of the tensors; -1 = ask the driver
 };
 
 // Return nullptr on success, else a static error message.

@@ -72,9 +72,18 @@ __global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a, ElemCoe
 
 template <DType ZT, ElemKind K>
 cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
-  int dev = 0, sms = 80;
+  static PerDevice sm_count;  // queried once per device (launches stay free of driver queries)
+  int dev = 0;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);  // leaves 80 on error
+  int sms = sm_count.get(dev);
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess) {
+      sm_count.set(dev, sms);
+    } else {
+      cudaGetLastError();
+      sms = 80;
+    }
+  }
   const ElemCoef<AccOf<ZT>> c(a.p);
   const bool long_rows = a.C >= 1024;
   const int64_t rows_per_block = long_rows ? 1 : kBlock / 32;
@@ -104,7 +113,7 @@ const char* elementwise_fused_cuda(const ElemArgs& a, void* stream) {
   if (!a.loss_rows && !a.loss_el) return "elementwise_fused_cuda: no loss output";
   if (a.B == 0) return nullptr;  // nothing to write; a zero-block launch would be an error
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return on_device_of(a.z, "z: not in CUDA device memory", [&]() -> cudaError_t {
+  return on_device_of(a.device, a.z, "z: not in CUDA device memory", [&]() -> cudaError_t {
     switch (a.z_type) {
       case DType::kF32: return launch_kind<DType::kF32>(a, s);
       case DType::kF64: return launch_kind<DType::kF64>(a, s);

@@ -21,10 +21,12 @@ struct ShlArgs {
   const void* eta = nullptr;         // [m] acc, null logits; null = 0
   const void* delta = nullptr;       // [C] acc, logit offsets by original id; null = 0
   double grad_scale = 1.0;           // multiplies grad and grad_eta (1/B for "mean")
-  void* loss = nullptr;              // out [B] acc: row losses l_i (unscaled)
+  void* loss = nullptr;              // out [B] acc: grad_scale * l_i (summed: the reduced loss)
   void* grad = nullptr;              // out [B, C] z dtype: grad_scale * dl_i/dz, original order
   void* grad_eta = nullptr;          // out [B, m] acc: grad_scale * dl_i/deta_k; null = skip
   int num_threads = 0;               // CPU: OpenMP threads (0 = runtime default)
+  // CUDA only: the device holding the tensors (DLPack device_id); -1 = ask the driver.
+  int device = -1;
   // CUDA only: [C] segment position of each original id (the inverse of order), which lets
   // the kernel stage a row in shared memory in segment order; null with a non-null order
   // = no staging. cuda_staging = 0 forces the unstaged kernel (tests, comparisons).

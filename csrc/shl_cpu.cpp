@@ -340,7 +340,7 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
       for (size_t q = p0; q < p1; ++q) gr[plist[q].c] = Conv<T>::store(plist[q].g * a.scale);
     }
   }
-  a.loss[i] = row_loss;
+  a.loss[i] = row_loss * a.scale;
   if (a.ord) store_gathered<T, A>(v, a.inv, gr, C);
 }
 

@@ -247,7 +247,7 @@ __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row, A* wa
   if (threadIdx.x == 0) {
     A total = 0;
     for (int j = 0; j < kW; ++j) total += warp_loss[j];
-    P.loss[row] = total;
+    P.loss[row] = total * P.scale;
   }
   __syncthreads();  // warp_loss is reused by the next row
 }
@@ -376,20 +376,38 @@ __global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Par
   }
 }
 
+// The current device (-1 on error) and its opt-in shared memory per block (queried once per
+// device: a small batch's step is bound by host time, so launches avoid driver queries).
+inline int current_device() {
+  int dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return dev;
+}
+
+inline int smem_optin(int dev) {
+  static PerDevice cache;
+  int v = cache.get(dev);
+  if (v == 0 && dev >= 0) {
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    cache.set(dev, v);
+  }
+  return v;
+}
+
 // Dynamic shared memory the staged kernel needs for a row of C labels, or 0 when it cannot
 // run (staging off, an order without its inverse, or a row larger than the device allows).
 template <class T, class A>
 int staged_bytes(const ShlArgs& a) {
   if (!a.cuda_staging || (a.order && !a.position) || a.C >= INT_MAX) return 0;
   const int64_t bytes = staged_z_bytes<T>(a.C) + a.C;
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
   const int64_t reserve = 1024;  // the kernel's static shared memory (warp_loss)
-  return bytes + reserve <= optin ? static_cast<int>(bytes) : 0;
+  return bytes + reserve <= smem_optin(current_device()) ? static_cast<int>(bytes) : 0;
 }
 
 inline bool aligned(const void* p, int64_t n) {
@@ -398,9 +416,13 @@ inline bool aligned(const void* p, int64_t n) {
 
 // Lets shl_staged_kernel<V, T, A> take `bytes` of dynamic shared memory: above 48 KiB a
 // kernel must opt in; the carveout hint asks for the largest shared-memory split so that two
-// blocks fit per SM (the driver may otherwise pick a split that fits only one).
+// blocks fit per SM (the driver may otherwise pick a split that fits only one). Done once
+// per device and size (then remembered: the attributes stay set).
 template <int V, class T, class A>
 cudaError_t prepare_staged(int bytes) {
+  static PerDevice allowed;  // largest `bytes` prepared so far, per device
+  const int dev = current_device();
+  if (dev >= 0 && allowed.get(dev) >= bytes) return cudaSuccess;
   if (bytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, T, A>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -410,6 +432,7 @@ cudaError_t prepare_staged(int bytes) {
                            cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     cudaGetLastError();  // only a hint
+  allowed.set(dev, bytes);
   return cudaSuccess;
 }
 
@@ -496,7 +519,7 @@ const char* shl_fused_cuda(const ShlArgs& a, void* stream) {
     case DType::kF32: case DType::kF64: case DType::kF16: case DType::kBF16: break;
     default: return "unsupported z dtype (expected float32, float64, float16 or bfloat16)";
   }
-  return on_device_of(a.loss, "loss: not in CUDA device memory", [&]() -> cudaError_t {
+  return on_device_of(a.device, a.loss, "loss: not in CUDA device memory", [&]() -> cudaError_t {
     switch (a.z_dtype) {
       case DType::kF32: return launch_dtype<DType::kF32>(a, s);
       case DType::kF64: return launch_dtype<DType::kF64>(a, s);

@@ -60,6 +60,7 @@ ElemArgs make_args(const py::object& z_, const py::object& pos_, const py::objec
   ElemArgs a;
   a.z = z.data;
   a.z_type = zd;
+  a.device = z.device.device_type == kDLCUDA ? static_cast<int>(z.device.device_id) : -1;
   a.B = B;
   a.C = C;
   a.pos = pos.ptr<uint8_t>();

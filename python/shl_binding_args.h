@@ -96,6 +96,7 @@ inline ShlArgs shl_args_from_capsules(Backend where, const py::object& z_, const
   a.loss = loss.data;
   a.grad = grad.data;
   a.grad_eta = grad_eta.data;
+  a.device = z.device.device_type == kDLCUDA ? static_cast<int>(z.device.device_id) : -1;
   return a;
 }
 

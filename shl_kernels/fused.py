@@ -1,8 +1,9 @@
 """Autograd wrapper shared by every fused backend (cpu, cuda, triton).
 
 A backend kernel has the signature of `FusedKernel`: it computes the per-row SHL loss and,
-in the same pass, the gradient already multiplied by `grad_scale` (1/B for "mean").
-Backward only rescales it by the upstream gradient, so the common case (upstream 1) is free.
+in the same pass, the gradient, both already multiplied by `grad_scale` (1/B for "mean"), so
+the reduced loss is one sum. Backward only rescales the gradient by the upstream gradient, so
+the common case (upstream 1) is free.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class FusedKernel(Protocol):
         positive / ignored; ign may be None); order int64 [C] (original id at each segment
         position; None = identity); offsets int64 [m+1]; w, delta [C] and eta [m] in the
         accumulation dtype (fp64 for fp64 z, else fp32) or None.
-        Returns loss_rows [B] (acc dtype, unscaled), grad [B, C] (z dtype, times grad_scale),
+        Returns loss [B] or [B, n] (acc dtype, times grad_scale: the row losses, or per row n
+        partial sums of them), grad [B, C] (z dtype, times grad_scale),
         grad_eta_rows [B, m] (acc dtype, times grad_scale) or None when not needed.
         grad_out: where to write grad (z itself for in-place; must then be safe to alias z);
         None = allocate. Every output element must be written (callers may pass torch.empty)."""
@@ -35,7 +37,7 @@ class FusedKernel(Protocol):
 
 def kernel_outputs(z: torch.Tensor, offsets: torch.Tensor, need_grad_eta: bool,
                    grad_out: torch.Tensor | None = None):
-    """Uninitialised (loss_rows, grad, grad_eta_rows) for a FusedKernel, on z's device."""
+    """Uninitialised (loss [B], grad, grad_eta_rows) for a FusedKernel, on z's device."""
     B, C = z.shape
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     loss = torch.empty(B, dtype=acc, device=z.device)
@@ -53,6 +55,18 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
+# torch's own raw-stream getter (what torch.compile's generated code calls): an int, where
+# torch.cuda.current_stream builds a Stream object per call. Absent from CPU-only builds.
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def stream_handle(device: torch.device) -> int:
+    """The cudaStream_t of the current stream on `device`, as an int (for native launches)."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def capsule(t: torch.Tensor | None):
     """DLPack capsule for the native bindings (None stays None: an absent optional input)."""
     return None if t is None else to_dlpack(t)
@@ -67,7 +81,6 @@ class FusedSHL(torch.autograd.Function):
         B = z.shape[0]
         scale = 1.0 / B if (reduction == "mean" and B > 0) else 1.0
         need_eta = eta is not None and ctx.needs_input_grad[7]
-        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
         loss_rows, grad, grad_eta = kernel(z, pos, ign, order, offsets, w, eta, delta, scale,
                                            need_eta, z if inplace else None)
         if inplace:
@@ -81,9 +94,11 @@ class FusedSHL(torch.autograd.Function):
             ctx.recompute = Recompute(lambda z, pos, ign: kernel(
                 z, pos, ign, order, offsets, w, eta, delta, scale, need_eta)[1:], z, pos, ign)
         ctx.delta_dtype = None if delta is None else delta.dtype
-        if reduction == "none":
-            return loss_rows
-        return loss_rows.sum(dtype=acc) * scale
+        if reduction == "none":  # scale 1: the row losses
+            return loss_rows if loss_rows.dim() == 1 else loss_rows.sum(1)
+        # Rows already carry 1/B for "mean": one op (a launch on GPUs, where a small batch's
+        # step is launch-bound), in the accumulation dtype.
+        return loss_rows.sum()
 
     @staticmethod
     @once_differentiable
@@ -96,7 +111,7 @@ class FusedSHL(torch.autograd.Function):
             else:
                 geta = grad_eta.sum(0)
                 if isinstance(g, torch.Tensor) or g != 1.0:
-                    geta = geta * g
+                    geta.mul_(g)
         gdelta = None
         if ctx.needs_input_grad[8]:
             gdelta = gz.sum(0, dtype=torch.float32 if gz.dtype != torch.float64 else None)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from .backends import native
-from .fused import capsule, kernel_outputs
+from .fused import capsule, kernel_outputs, stream_handle
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -84,6 +84,6 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
     c = capsule
     native().shl_fused_cuda(
         c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
-        c(loss), c(grad), c(grad_eta), torch.cuda.current_stream(z.device).cuda_stream,
+        c(loss), c(grad), c(grad_eta), stream_handle(z.device),
         c(position), staged, c(segment_schedule(offsets)))
     return loss, grad, grad_eta

@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backends import BACKENDS, native, resolve, why_unavailable
-from .fused import Recompute, capsule, take_grad
+from .fused import Recompute, capsule, stream_handle, take_grad
 
 KINDS = {"bce": 0, "focal": 1, "asl": 2}
 _NATIVE_FN = {"cpu": "elementwise_fused_cpu", "cuda": "elementwise_fused_cuda"}
@@ -68,7 +68,7 @@ def elementwise_cuda(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_
     """csrc/elementwise_cuda.cu as an `ElementwiseKernel` (on z's device and current stream)."""
     caps, kw = _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows,
                             loss_el, grad)
-    stream = torch.cuda.current_stream(z.device).cuda_stream
+    stream = stream_handle(z.device)
     native().elementwise_fused_cuda(*caps, **kw, stream=stream)
 
 

@@ -70,8 +70,12 @@ def _problem(B: int, C: int, m: int, dtype: torch.dtype, *, seed: int = 0,
 
 
 def _call(kernel, x: dict, grad_scale: float, grad_out=None):
-    return kernel(x["z"], x["pos"].view(torch.uint8), x["ign"].view(torch.uint8), x["order"],
-                  x["offsets"], x["w"], x["eta"], x["delta"], grad_scale, True, grad_out)
+    """(row losses, grad, grad_eta rows): the kernel's loss comes times grad_scale, possibly
+    as [B, n] partial sums (FusedKernel); here it is turned back into plain row losses."""
+    loss, grad, geta = kernel(x["z"], x["pos"].view(torch.uint8), x["ign"].view(torch.uint8),
+                              x["order"], x["offsets"], x["w"], x["eta"], x["delta"],
+                              grad_scale, True, grad_out)
+    return (loss if loss.dim() == 1 else loss.sum(1)) / grad_scale, grad, geta
 
 
 def _reference_rows(x: dict, rows: torch.Tensor, dtype: torch.dtype = F64):
@@ -264,3 +268,13 @@ def test_public_api_triton_inplace():
     (geta,) = torch.autograd.grad(loss, eta)
     (want_geta,) = torch.autograd.grad(want_loss, eta)
     torch.testing.assert_close(geta, want_geta, rtol=1e-4, atol=1e-6)
+
+
+def test_stream_handle_is_the_current_stream():
+    """The raw stream getter used by the native launches agrees with torch.cuda's streams."""
+    from shl_kernels.fused import stream_handle
+    dev = torch.device(DEV, torch.cuda.current_device())
+    assert stream_handle(dev) == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        assert stream_handle(dev) == side.cuda_stream != torch.cuda.default_stream(dev).cuda_stream
