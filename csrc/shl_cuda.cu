@@ -2,7 +2,7 @@
 // launch; the contract (scaling, label order, nullable inputs) is in shl_args.h.
 //
 // Design: one block per row (grid-stride over rows). When the row fits shared memory
-// (C * (sizeof(z) + 1) bytes: bf16 up to ~77k labels on sm_90) it is staged there in
+// (about C * (sizeof(z) + 1) bytes: bf16 up to ~77k labels on sm_90) it is staged there in
 // segment order, read and written coalesced (shl_staged_kernel); otherwise the segments
 // gather from global memory (shl_fused_kernel). Either way the warps deal out the row's
 // segments, largest first, 32 at a time (one per lane; see row_loss), so the large
@@ -11,9 +11,10 @@
 // singleton segments do not waste a warp and 10k-label segments still get 32 lanes.
 // Each segment takes three passes over its labels:
 //   1. max M of eta and the non-ignored u's, online sum of exp(u - M) over the
-//      negatives, whether any positive is present;
-//   2. with positives: D_p, the loss terms and S = sum_p w_p / D_p
-//      (without: the null event, D = A, S = 1 / D);
+//      negatives, the number of positives (and where the last one is);
+//   2. with two or more positives: D_p, the loss terms and S = sum_p w_p / D_p (one
+//      positive: the same from the one found in pass 1; none: the null event, D = A,
+//      S = 1 / D);
 //   3. the gradient of every label (0 when ignored) and of eta.
 // A given element is only ever touched by one lane (same lane in every pass), and it is
 // read before it is written, so grad may alias z. The row loss is summed per thread in
@@ -84,7 +85,9 @@ __device__ __forceinline__ V group_sum(V v) {
 
 // Where segment position p of one row lives. Both views give the same four things:
 // get(p) -> Elem (ignored / positive), u(p, e) = z + delta (only read where needed),
-// weight(p, e), put(p, e, g) (stores grad_scale * g).
+// weight(p, e), put(p, e, g) (stores grad_scale * g); and Index, the type of positions and
+// segment ids: 64-bit in global memory, 32-bit for a staged row (C < 2^31 there), which
+// halves the index arithmetic and the registers it holds in the per-element loops.
 struct Elem {
   bool ign, pos;
   int64_t id;  // original label id (GlobalRow only; StagedRow looks it up when needed)
@@ -93,6 +96,7 @@ struct Elem {
 // Straight from global memory: position p is column order[p] of the row (a gather).
 template <class T, class A>
 struct GlobalRow {
+  using Index = int64_t;
   const Params<T, A>& P;
   int64_t base;  // row * C
   __device__ __forceinline__ Elem get(int64_t p) const {
@@ -119,11 +123,12 @@ struct GlobalRow {
 // a status byte (bit 0 positive, bit 1 ignored); the gradient replaces z there.
 template <class T, class A>
 struct StagedRow {
+  using Index = int;
   const Params<T, A>& P;
   T* zs;
   const uint8_t* st;
-  __device__ __forceinline__ int64_t id(int64_t p) const { return P.order ? P.order[p] : p; }
-  __device__ __forceinline__ Elem get(int64_t p) const {
+  __device__ __forceinline__ int64_t id(int p) const { return P.order ? P.order[p] : p; }
+  __device__ __forceinline__ Elem get(int p) const {
     Elem e;
     const uint8_t s = st[p];
     e.ign = s & 2;
@@ -131,14 +136,14 @@ struct StagedRow {
     e.id = -1;
     return e;
   }
-  __device__ __forceinline__ A u(int64_t p, const Elem&) const {
+  __device__ __forceinline__ A u(int p, const Elem&) const {
     const A z = DevConv<T>::load(zs[p]);
     return P.delta ? z + P.delta[id(p)] : z;
   }
-  __device__ __forceinline__ A weight(int64_t p, const Elem&) const {
+  __device__ __forceinline__ A weight(int p, const Elem&) const {
     return P.w ? P.w[id(p)] : A(1);
   }
-  __device__ __forceinline__ void put(int64_t p, const Elem&, A g) const {
+  __device__ __forceinline__ void put(int p, const Elem&, A g) const {
     zs[p] = DevConv<T>::store(g * P.scale);
   }
 };
@@ -146,14 +151,18 @@ struct StagedRow {
 // Segment k of `row`, handled by G lanes (G = 1 or a full warp, lane in [0, G)).
 // Writes the segment's gradients and grad_eta; returns its loss (valid in lane 0).
 template <int G, class T, class A, class Row>
-__device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, int64_t k, int lane) {
-  const int64_t s0 = P.offsets[k], s1 = P.offsets[k + 1];
+__device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename Row::Index k,
+                     int lane) {
+  using I = typename Row::Index;
+  const I s0 = static_cast<I>(P.offsets[k]), s1 = static_cast<I>(P.offsets[k + 1]);
   const A eta = P.eta ? P.eta[k] : A(0);
 
-  // Pass 1: max over eta and non-ignored u's; s = sum over negatives of exp(u - M).
+  // Pass 1: max over eta and non-ignored u's; s = sum over negatives of exp(u - M); the
+  // number of positives, and where this lane saw its last one.
   A M = eta, s = 0;
-  int any_pos = 0;
-  for (int64_t p = s0 + lane; p < s1; p += G) {
+  int npos = 0;
+  I last_pos = 0;
+  for (I p = s0 + lane; p < s1; p += G) {
     const Elem e = R.get(p);
     if (e.ign) continue;
     const A u = R.u(p, e);
@@ -163,25 +172,36 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, int64_t k
       M = Mn;
     }
     if (e.pos) {
-      any_pos = 1;
+      ++npos;
+      last_pos = p;
     } else {
       s += exp_(u - M);  // u = M = +inf gives NaN, as in the reference
     }
   }
+  const unsigned holders = G == 1 ? 1u : __ballot_sync(kFull, npos > 0);
   for (int o = G / 2; o > 0; o >>= 1) {
     const A M2 = __shfl_xor_sync(kFull, M, o), s2 = __shfl_xor_sync(kFull, s, o);
-    any_pos |= __shfl_xor_sync(kFull, any_pos, o);
+    npos += __shfl_xor_sync(kFull, npos, o);
     merge(M, s, M2, s2);
   }
   const A e_eta = exp_(eta - M);
   const A Aden = e_eta + s;  // A of SPEC 3 (= D of the null event when no positive)
 
-  // Pass 2: loss and S = sum_p w_p / D_p.
+  // Pass 2: loss and S = sum_p w_p / D_p. A single positive (the usual case: segments hold
+  // labels that rarely co-occur) is known from pass 1 and needs no pass; the sums are then
+  // the same as pass 2 would give (its other lanes add exact zeros).
   A loss, S;
-  if (any_pos) {
+  if (npos == 1) {
+    const I p = G == 1 ? last_pos : __shfl_sync(kFull, last_pos, __ffs(holders) - 1);
+    const Elem e = R.get(p);
+    const A u = R.u(p, e), wp = R.weight(p, e);
+    const A D = Aden + exp_(u - M);
+    loss = wp * (log_(D) + M - u);
+    S = wp / D;
+  } else if (npos > 1) {
     loss = 0;
     S = 0;
-    for (int64_t p = s0 + lane; p < s1; p += G) {
+    for (I p = s0 + lane; p < s1; p += G) {
       const Elem e = R.get(p);
       if (!e.pos) continue;
       const A u = R.u(p, e), wp = R.weight(p, e);
@@ -198,7 +218,7 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, int64_t k
 
   // Pass 3: gradients (negatives: exp(u - M) * S; positives: -w_p * A / D_p). Each element
   // is read before it is written, by the same lane: grad may alias z.
-  for (int64_t p = s0 + lane; p < s1; p += G) {
+  for (I p = s0 + lane; p < s1; p += G) {
     const Elem e = R.get(p);
     A g = 0;
     if (!e.ign) {
@@ -208,7 +228,7 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, int64_t k
     R.put(p, e, g);
   }
   if (P.grad_eta && lane == 0)  // exp(eta) S, minus 1 for the null event
-    P.grad_eta[row * P.m + k] = (e_eta * S - (any_pos ? A(0) : A(1))) * P.scale;
+    P.grad_eta[row * P.m + k] = (e_eta * S - (npos ? A(0) : A(1))) * P.scale;
   return loss;
 }
 
@@ -223,14 +243,16 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, int64_t k
 // a __syncthreads, so the row's gradient writes are visible to the whole block.
 template <int NT, class T, class A, class Row>
 __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row, A* warp_loss) {
+  using I = typename Row::Index;
   constexpr int kW = NT / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const I m = static_cast<I>(P.m);
   A acc = 0;
   // Lane l of warp w, round j: schedule index i = w + kW (32 j + l).
-  for (int64_t first = warp; first < P.m; first += NT) {
-    const int64_t i = first + int64_t(kW) * lane;
-    const bool valid = i < P.m;
-    const int64_t k = !valid ? 0 : P.schedule ? int64_t(P.schedule[i]) : i;
+  for (I first = warp; first < m; first += NT) {
+    const I i = first + I(kW) * lane;
+    const bool valid = i < m;
+    const I k = !valid ? I(0) : P.schedule ? I(P.schedule[i]) : i;
     const bool small = valid && P.offsets[k + 1] - P.offsets[k] <= kSmall;
     if (small) acc += segment<1>(P, R, row, k, 0);
     unsigned big = __ballot_sync(kFull, valid && !small);
@@ -296,6 +318,18 @@ __host__ __device__ constexpr int64_t staged_z_bytes(int64_t C) {
   return (C * int64_t(sizeof(T)) + 15) / 16 * 16;
 }
 
+// The status bytes follow z, rounded up to whole 16-byte words (zeroed a word at a time).
+__host__ __device__ constexpr int64_t staged_status_bytes(int64_t C) { return (C + 15) / 16 * 16; }
+
+// Status bytes back to 0 (neither positive nor ignored), 16 bytes per store. Staging then
+// writes only the few nonzero ones: one random-address shared store per element (z) instead
+// of two.
+__device__ __forceinline__ void clear_status(uint8_t* st, int C) {
+  uint4* words = reinterpret_cast<uint4*>(st);
+  const int n = static_cast<int>(staged_status_bytes(C) / 16);
+  for (int q = threadIdx.x; q < n; q += kStagedThreads) words[q] = make_uint4(0, 0, 0, 0);
+}
+
 template <int V, class T, class A>
 __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, int C, T* zs_,
                                           uint8_t* st) {
@@ -325,7 +359,8 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
         for (int t = 0; t < V; ++t) {
           const int p = P.position ? xv[j].v[t] : q * V + t;
           zs[p] = zv[j].v[t];
-          st[p] = (pv[j].v[t] ? 1 : 0) | (P.ign && iv[j].v[t] ? 2 : 0);
+          const uint8_t s = (pv[j].v[t] ? 1 : 0) | (P.ign && iv[j].v[t] ? 2 : 0);
+          if (s) st[p] = s;  // st was cleared (clear_status)
         }
       }
     }
@@ -366,12 +401,17 @@ __global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Par
   T* zs = reinterpret_cast<T*>(smem);
   uint8_t* st = smem + staged_z_bytes<T>(P.C);
   const int C = static_cast<int>(P.C);
+  clear_status(st, C);
+  __syncthreads();
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     const int64_t base = row * P.C;
     stage_row<V>(P, base, C, zs, st);
     __syncthreads();
     row_loss<kStagedThreads>(P, StagedRow<T, A>{P, zs, st}, row, warp_loss);
+    // row_loss ended with a barrier: the segments are done with st, which is cleared for
+    // the next row while the gradient goes out.
     unstage_row<V>(P, base, C, zs);
+    clear_status(st, C);
     __syncthreads();  // shared memory is restaged for the next row
   }
 }
@@ -405,7 +445,7 @@ inline int smem_optin(int dev) {
 template <class T, class A>
 int staged_bytes(const ShlArgs& a) {
   if (!a.cuda_staging || (a.order && !a.position) || a.C >= INT_MAX) return 0;
-  const int64_t bytes = staged_z_bytes<T>(a.C) + a.C;
+  const int64_t bytes = staged_z_bytes<T>(a.C) + staged_status_bytes(a.C);
   const int64_t reserve = 1024;  // the kernel's static shared memory (warp_loss)
   return bytes + reserve <= smem_optin(current_device()) ? static_cast<int>(bytes) : 0;
 }
