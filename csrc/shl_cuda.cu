@@ -4,11 +4,13 @@
 // Design: one block per row (grid-stride over rows). When the row fits shared memory
 // (about C * (sizeof(z) + 1) bytes: bf16 up to ~77k labels on sm_90) it is staged there in
 // segment order, read and written coalesced (shl_staged_kernel); otherwise the segments
-// gather from global memory (shl_fused_kernel). Either way the warps deal out the row's
-// segments, largest first, 32 at a time (one per lane; see row_loss), so the large
-// segments, usually few, spread over the warps. A segment of at most kSmall labels is handled by its lane
+// gather from global memory (shl_fused_kernel). Either way segments of at least twice the
+// block's threads are done first, each by the whole block (block-strided loops, reductions
+// through shared memory), then the warps deal out the others, largest first, 32 at a time
+// (one per lane; see row_loss). A segment of at most kSmall labels is handled by its lane
 // alone, a larger one by the whole warp (lane-strided loops, shuffle reductions):
-// singleton segments do not waste a warp and 10k-label segments still get 32 lanes.
+// singleton segments do not waste a warp, and no warp is left alone with a segment of
+// thousands of labels while the rest of the block waits.
 // Each segment takes three passes over its labels:
 //   1. max M of eta and the non-ignored u's, online sum of exp(u - M) over the
 //      negatives, the number of positives (and where the last one is);
@@ -77,12 +79,6 @@ __device__ __forceinline__ void merge(A& M, A& s, A M2, A s2) {
   M = Mn;
 }
 
-template <int G, class V>
-__device__ __forceinline__ V group_sum(V v) {
-  for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-
 // Where segment position p of one row lives. Both views give the same four things:
 // get(p) -> Elem (ignored / positive), u(p, e) = z + delta (only read where needed),
 // weight(p, e), put(p, e, g) (stores grad_scale * g); and Index, the type of positions and
@@ -148,21 +144,111 @@ struct StagedRow {
   }
 };
 
-// Segment k of `row`, handled by G lanes (G = 1 or a full warp, lane in [0, G)).
-// Writes the segment's gradients and grad_eta; returns its loss (valid in lane 0).
-template <int G, class T, class A, class Row>
+// Who works on one segment: one lane alone (LaneGroup), a warp (WarpGroup) or the whole
+// block (BlockGroup). A group gives its threads' rank and stride over the segment's
+// positions and the reductions of the passes; after a reduction every thread of the group
+// holds the same value, combined in a fixed order (deterministic). The block's reductions
+// contain barriers: every thread of the block must call them (segment-uniform branches).
+struct LaneGroup {
+  static constexpr int kSize = 1;
+  __device__ __forceinline__ int rank() const { return 0; }
+  __device__ __forceinline__ bool leader() const { return true; }
+  template <class A>
+  __device__ __forceinline__ void max_sum(A&, A&) const {}
+  template <class V>
+  __device__ __forceinline__ V sum(V v) const { return v; }
+  // Where the group's only positive is, given whether this thread saw it and its position.
+  template <class I>
+  __device__ __forceinline__ I only_positive(bool, I mine) const { return mine; }
+};
+
+struct WarpGroup {
+  static constexpr int kSize = 32;
+  int lane;
+  __device__ __forceinline__ int rank() const { return lane; }
+  __device__ __forceinline__ bool leader() const { return lane == 0; }
+  template <class A>
+  __device__ __forceinline__ void max_sum(A& M, A& s) const {
+    for (int o = 16; o > 0; o >>= 1) merge(M, s, __shfl_xor_sync(kFull, M, o), __shfl_xor_sync(kFull, s, o));
+  }
+  template <class V>
+  __device__ __forceinline__ V sum(V v) const {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+    return v;
+  }
+  template <class I>
+  __device__ __forceinline__ I only_positive(bool have, I mine) const {
+    return __shfl_sync(kFull, mine, __ffs(__ballot_sync(kFull, have)) - 1);
+  }
+};
+
+// Per-warp partials of a block reduction (static shared memory of the kernels).
+template <int NT, class A>
+struct BlockScratch {
+  A a[NT / 32], b[NT / 32];
+  int64_t i[NT / 32];
+};
+
+template <int NT, class A>
+struct BlockGroup {
+  static constexpr int kSize = NT, kW = NT / 32;
+  BlockScratch<NT, A>* sh;
+  __device__ __forceinline__ int rank() const { return threadIdx.x; }
+  __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
+  __device__ __forceinline__ int lane() const { return threadIdx.x & 31; }
+  __device__ __forceinline__ int warp() const { return threadIdx.x >> 5; }
+  __device__ __forceinline__ void max_sum(A& M, A& s) const {
+    WarpGroup{lane()}.max_sum(M, s);
+    if (lane() == 0) sh->a[warp()] = M, sh->b[warp()] = s;
+    __syncthreads();
+    M = sh->a[0];
+    s = sh->b[0];
+    for (int j = 1; j < kW; ++j) merge(M, s, sh->a[j], sh->b[j]);
+    __syncthreads();  // the scratch is free again
+  }
+  template <class V>
+  __device__ __forceinline__ V sum(V v) const {
+    v = WarpGroup{lane()}.sum(v);
+    if (lane() == 0) sh->a[warp()] = A(v);  // counts: exact below 2^24 (only 0, 1, more matter)
+    __syncthreads();
+    A t = 0;
+    for (int j = 0; j < kW; ++j) t += sh->a[j];
+    __syncthreads();
+    return V(t);
+  }
+  template <class I>
+  __device__ __forceinline__ I only_positive(bool have, I mine) const {
+    const unsigned holders = __ballot_sync(kFull, have);
+    const I p = __shfl_sync(kFull, mine, holders ? __ffs(holders) - 1 : 0);
+    if (lane() == 0) sh->i[warp()] = holders ? int64_t(p) : int64_t(-1);
+    __syncthreads();
+    int64_t q = -1;
+    for (int j = 0; j < kW && q < 0; ++j) q = sh->i[j];
+    __syncthreads();
+    return I(q);
+  }
+};
+
+// Segment k of `row`, handled by group g. Writes the segment's gradients and grad_eta;
+// returns its loss (the same in every thread of the group).
+template <class Group, class T, class A, class Row>
 __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename Row::Index k,
-                     int lane) {
+                     const Group& g) {
   using I = typename Row::Index;
+  constexpr int G = Group::kSize;
+  // The block's loops stay rolled (each thread has few elements of a segment there); the
+  // lanes' and warps' loops are unrolled for more loads in flight.
+  constexpr int kUnrollPasses = G > 32 ? 1 : 4;
   const I s0 = static_cast<I>(P.offsets[k]), s1 = static_cast<I>(P.offsets[k + 1]);
   const A eta = P.eta ? P.eta[k] : A(0);
 
   // Pass 1: max over eta and non-ignored u's; s = sum over negatives of exp(u - M); the
-  // number of positives, and where this lane saw its last one.
+  // number of positives, and where this thread saw its last one.
   A M = eta, s = 0;
   int npos = 0;
   I last_pos = 0;
-  for (I p = s0 + lane; p < s1; p += G) {
+#pragma unroll kUnrollPasses
+  for (I p = s0 + g.rank(); p < s1; p += G) {
     const Elem e = R.get(p);
     if (e.ign) continue;
     const A u = R.u(p, e);
@@ -178,21 +264,18 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
       s += exp_(u - M);  // u = M = +inf gives NaN, as in the reference
     }
   }
-  const unsigned holders = G == 1 ? 1u : __ballot_sync(kFull, npos > 0);
-  for (int o = G / 2; o > 0; o >>= 1) {
-    const A M2 = __shfl_xor_sync(kFull, M, o), s2 = __shfl_xor_sync(kFull, s, o);
-    npos += __shfl_xor_sync(kFull, npos, o);
-    merge(M, s, M2, s2);
-  }
+  const bool mine = npos > 0;
+  g.max_sum(M, s);
+  npos = g.sum(npos);
   const A e_eta = exp_(eta - M);
   const A Aden = e_eta + s;  // A of SPEC 3 (= D of the null event when no positive)
 
   // Pass 2: loss and S = sum_p w_p / D_p. A single positive (the usual case: segments hold
   // labels that rarely co-occur) is known from pass 1 and needs no pass; the sums are then
-  // the same as pass 2 would give (its other lanes add exact zeros).
+  // the same as pass 2 would give (its other threads add exact zeros).
   A loss, S;
   if (npos == 1) {
-    const I p = G == 1 ? last_pos : __shfl_sync(kFull, last_pos, __ffs(holders) - 1);
+    const I p = g.only_positive(mine, last_pos);
     const Elem e = R.get(p);
     const A u = R.u(p, e), wp = R.weight(p, e);
     const A D = Aden + exp_(u - M);
@@ -201,7 +284,8 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
   } else if (npos > 1) {
     loss = 0;
     S = 0;
-    for (I p = s0 + lane; p < s1; p += G) {
+  #pragma unroll kUnrollPasses
+  for (I p = s0 + g.rank(); p < s1; p += G) {
       const Elem e = R.get(p);
       if (!e.pos) continue;
       const A u = R.u(p, e), wp = R.weight(p, e);
@@ -209,69 +293,82 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
       loss += wp * (log_(D) + M - u);
       S += wp / D;
     }
-    loss = group_sum<G>(loss);
-    S = group_sum<G>(S);
+    loss = g.sum(loss);
+    S = g.sum(S);
   } else {
     loss = log_(Aden) + M - eta;
     S = A(1) / Aden;
   }
 
   // Pass 3: gradients (negatives: exp(u - M) * S; positives: -w_p * A / D_p). Each element
-  // is read before it is written, by the same lane: grad may alias z.
-  for (I p = s0 + lane; p < s1; p += G) {
+  // is read before it is written, by the same thread: grad may alias z.
+#pragma unroll kUnrollPasses
+  for (I p = s0 + g.rank(); p < s1; p += G) {
     const Elem e = R.get(p);
-    A g = 0;
+    A gr = 0;
     if (!e.ign) {
       const A ex = exp_(R.u(p, e) - M);
-      g = e.pos ? -R.weight(p, e) * Aden / (Aden + ex) : ex * S;
+      gr = e.pos ? -R.weight(p, e) * Aden / (Aden + ex) : ex * S;
     }
-    R.put(p, e, g);
+    R.put(p, e, gr);
   }
-  if (P.grad_eta && lane == 0)  // exp(eta) S, minus 1 for the null event
+  if (P.grad_eta && g.leader())  // exp(eta) S, minus 1 for the null event
     P.grad_eta[row * P.m + k] = (e_eta * S - (npos ? A(0) : A(1))) * P.scale;
   return loss;
 }
 
-// The row's segments over the block's NT threads: warp w takes the segments at schedule
-// indices i = w (mod NT/32), 32 at a time (one per lane). With the schedule listing the
-// segments largest first, the large ones are dealt round-robin over the warps, which
-// balances them (on a Dirichlet split of 32768 labels into 100 segments the busiest of 16
-// warps had 2x the mean work in label order; the H100 benchmark showed no speed change,
-// so the kernel is bound elsewhere there).
-// A segment of at most kSmall labels is handled by its lane alone, a larger one by the
-// whole warp. Writes loss[row] (block-wide sum in a fixed order: deterministic); ends with
-// a __syncthreads, so the row's gradient writes are visible to the whole block.
+// The row's segments over the block's NT threads. First the segments of at least
+// kBlockFactor * NT labels, which the schedule (largest first) lists first: each by the
+// whole block, so that no single warp carries a segment much larger than its share of the
+// row while the others wait at the next barrier (a Dirichlet split of 32768 labels into 100
+// segments has segments of several thousand labels). Then the rest: warp w takes the
+// remaining schedule indices i = w (mod NT/32), 32 at a time (one per lane); a segment of
+// at most kSmall labels is handled by its lane alone, a larger one by the whole warp.
+// Writes loss[row] (block-wide sum in a fixed order: deterministic); ends with a
+// __syncthreads, so the row's gradient writes are visible to the whole block.
+constexpr int kBlockFactor = 2;
+
 template <int NT, class T, class A, class Row>
-__device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row, A* warp_loss) {
+__device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row,
+                         BlockScratch<NT, A>* scratch) {
   using I = typename Row::Index;
   constexpr int kW = NT / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const I m = static_cast<I>(P.m);
   A acc = 0;
-  // Lane l of warp w, round j: schedule index i = w + kW (32 j + l).
-  for (I first = warp; first < m; first += NT) {
+  I h = 0;  // schedule indices [0, h) went to the whole block
+  if (P.schedule) {
+    for (; h < m; ++h) {  // block-uniform: every thread reads the same sizes
+      const I k = I(P.schedule[h]);
+      if (P.offsets[k + 1] - P.offsets[k] < int64_t(kBlockFactor) * NT) break;
+      const A l = segment(P, R, row, k, BlockGroup<NT, A>{scratch});
+      if (threadIdx.x == 0) acc += l;
+    }
+  }
+  // Lane l of warp w, round j: schedule index i = h + w + kW (32 j + l).
+  for (I first = h + warp; first < m; first += NT) {
     const I i = first + I(kW) * lane;
     const bool valid = i < m;
     const I k = !valid ? I(0) : P.schedule ? I(P.schedule[i]) : i;
     const bool small = valid && P.offsets[k + 1] - P.offsets[k] <= kSmall;
-    if (small) acc += segment<1>(P, R, row, k, 0);
+    if (small) acc += segment(P, R, row, k, LaneGroup{});
     unsigned big = __ballot_sync(kFull, valid && !small);
     while (big) {  // warp-uniform: the whole warp takes each large segment in turn
       const int b = __ffs(big) - 1;
       big &= big - 1;
-      const A l = segment<32>(P, R, row, __shfl_sync(kFull, k, b), lane);
+      const A l = segment(P, R, row, __shfl_sync(kFull, k, b), WarpGroup{lane});
       if (lane == 0) acc += l;
     }
   }
-  acc = group_sum<32>(acc);
-  if (lane == 0) warp_loss[warp] = acc;
+  acc = WarpGroup{lane}.sum(acc);
+  if (lane == 0) scratch->a[warp] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
     A total = 0;
-    for (int j = 0; j < kW; ++j) total += warp_loss[j];
+    for (int j = 0; j < kW; ++j) total += scratch->a[j];
     P.loss[row] = total * P.scale;
   }
-  __syncthreads();  // warp_loss is reused by the next row
+  __syncthreads();  // the scratch is reused by the next row
 }
 
 // Unstaged: one block per row (grid-stride), positions gathered from global memory. The
@@ -279,9 +376,9 @@ __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row, A* wa
 // to 64 registers (with a bare bound of 256 it squeezed to 40 registers and spilled).
 template <class T, class A>
 __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, A> P) {
-  __shared__ A warp_loss[kWarps];
+  __shared__ BlockScratch<kThreads, A> scratch;
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x)
-    row_loss<kThreads>(P, GlobalRow<T, A>{P, row * P.C}, row, warp_loss);
+    row_loss<kThreads>(P, GlobalRow<T, A>{P, row * P.C}, row, &scratch);
 }
 
 // Staged: one block per row (grid-stride). The row is read once, coalesced, and scattered
@@ -292,7 +389,9 @@ __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, 
 // (a 32-byte sector per element). C is below 2^31 here (the row fits shared memory).
 // V elements per access: 16-byte loads and stores of z and grad when C % V == 0 and the
 // pointers are aligned (checked on the host), else V = 1; kUnroll accesses in flight per
-// thread (a row is read in a few memory round trips, not one per 512 elements).
+// thread (a row is read in a few memory round trips, not one per 512 elements; one 16-byte
+// access at a time keeps the 16-byte variants within 64 registers: sm_90 ptxas spilled
+// with two). fp64 spills either way (a correctness path on GPUs).
 constexpr int kStagedThreads = 512;
 
 template <int N, class T>
@@ -333,7 +432,7 @@ __device__ __forceinline__ void clear_status(uint8_t* st, int C) {
 template <int V, class T, class A>
 __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, int C, T* zs_,
                                           uint8_t* st) {
-  constexpr int kUnroll = V == 1 ? 4 : V == 8 ? 1 : 2;
+  constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
   const int n = C / V;
   const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
   Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
@@ -370,7 +469,7 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
 template <int V, class T, class A>
 __device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base, int C,
                                             const T* zs_) {
-  constexpr int kUnroll = V == 1 ? 4 : V == 8 ? 1 : 2;
+  constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
   const int n = C / V;
   const Bits<T>* zs = reinterpret_cast<const Bits<T>*>(zs_);
   Bits<T>* grad = reinterpret_cast<Bits<T>*>(P.grad);
@@ -397,7 +496,7 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base,
 template <int V, class T, class A>
 __global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Params<T, A> P) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ A warp_loss[kStagedThreads / 32];
+  __shared__ BlockScratch<kStagedThreads, A> scratch;
   T* zs = reinterpret_cast<T*>(smem);
   uint8_t* st = smem + staged_z_bytes<T>(P.C);
   const int C = static_cast<int>(P.C);
@@ -407,7 +506,7 @@ __global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Par
     const int64_t base = row * P.C;
     stage_row<V>(P, base, C, zs, st);
     __syncthreads();
-    row_loss<kStagedThreads>(P, StagedRow<T, A>{P, zs, st}, row, warp_loss);
+    row_loss<kStagedThreads>(P, StagedRow<T, A>{P, zs, st}, row, &scratch);
     // row_loss ended with a barrier: the segments are done with st, which is cleared for
     // the next row while the gradient goes out.
     unstage_row<V>(P, base, C, zs);
@@ -446,7 +545,7 @@ template <class T, class A>
 int staged_bytes(const ShlArgs& a) {
   if (!a.cuda_staging || (a.order && !a.position) || a.C >= INT_MAX) return 0;
   const int64_t bytes = staged_z_bytes<T>(a.C) + staged_status_bytes(a.C);
-  const int64_t reserve = 1024;  // the kernel's static shared memory (warp_loss)
+  const int64_t reserve = 1024;  // the kernel's static shared memory (BlockScratch: <= 384 B)
   return bytes + reserve <= smem_optin(current_device()) ? static_cast<int>(bytes) : 0;
 }
 

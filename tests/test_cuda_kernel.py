@@ -319,6 +319,26 @@ def test_large_segments(dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_block_wide_segments(dtype):
+    """Segments of at least 2 x the block's threads go to the whole block (staged: 1024
+    labels, unstaged: 512): no, one (found in pass 1) and several positives (pass 2), an
+    ignored positive, every label positive; the 700-label segment is block-wide unstaged
+    and a warp's when staged."""
+    p = _problem([3000, 1100, 700, 40, 1, 9], 8, dtype, seed=5, pos_p=0.0, ign_p=0.02)
+    big, mid, third = p.seg.order[:3000], p.seg.order[3000:4100], p.seg.order[4100:4800]
+    p.pos[:] = False
+    chosen = {1: big[[17]], 2: big[[5, 2500, 2999]], 3: torch.stack([big[0], mid[1099]]),
+              4: big[[100]], 5: third[[350]], 6: big}
+    for row, labels in chosen.items():
+        p.pos[row, labels] = True
+        p.ign[row, labels] = row == 4  # row 4: the only positive is ignored
+    p.pos[7] = torch.rand(p.pos.shape[1], generator=torch.Generator().manual_seed(6)) < 0.01
+    got, _ = _fused(p, "none")
+    _assert_matches(got, _reference(p, "none"), dtype, p.seg)
+
+
+@needs_gpu
 def test_many_segments():
     # More than 256 segments: each warp walks several slices of 32.
     p = _problem([1] * 600 + [20] * 7 + [3] * 50, 4, torch.float64, seed=2)
