@@ -99,10 +99,11 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
   tests/test_elementwise_kernels.py
 
 # Kernel-only time and bandwidth of every SHL kernel (CUDA staged / unstaged, Triton), in
-# shuffled and in segment order, against the copy bandwidth.
+# shuffled and in segment order, against the copy bandwidth; the staged kernel also with
+# block-wide segments off / from 512 / from 2048 labels (default 1024).
 # (It measures the device copy bandwidth first.) Then where the host time of a B=16 step
 # goes (torch.profiler), in the same log.
-TAIL=20 step kernel_bw 120 bash -c "$PY benchmarks/kernel_bandwidth.py && \
+TAIL=30 step kernel_bw 120 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,512,2048 && \
   $PY benchmarks/profile_step.py --steps 30"
 
 # Nsight Compute on one launch of the staged CUDA kernel (4096 x 32768, bf16, shuffled

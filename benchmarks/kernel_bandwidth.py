@@ -2,14 +2,17 @@
 
 Bytes counted: z read, targets (uint8) read, gradient written, once each: the least any
 fused kernel must move. Compared with a device-to-device copy measured in the same run.
-Variants: CUDA staged (rows in shared memory) and unstaged, Triton; each on logits in the
-original (shuffled) label order and in segment order (`Segmentation.reorder_head`).
+Variants: CUDA staged (rows in shared memory; --block-mins adds ones with other thresholds
+for block-wide segments) and unstaged, Triton; each on logits in the original (shuffled)
+label order and in segment order (`Segmentation.reorder_head`). Times are GPU time of calls
+queued back to back (see cuda_ms), so small shapes show the kernel, not the launch rate.
 Usage: python benchmarks/kernel_bandwidth.py [--shape B,C,m] [--dtype bfloat16]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -20,18 +23,26 @@ from shl_kernels.backends import why_unavailable
 
 
 def cuda_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Median kernel time in ms from CUDA events (warm-up runs excluded)."""
+    """Median GPU time in ms of one call, from CUDA events (warm-up runs excluded). The calls
+    are queued behind a GPU sleep longer than it takes the host to enqueue them, so they run
+    back to back and the events time the GPU work alone: timed one by one, a small shape
+    would measure the host's launch rate instead."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    host_ms = (time.perf_counter() - t0) * 1e3  # an upper bound of the host time per call
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    torch.cuda._sleep(int(2e6 * (2 * repeats * host_ms + 1)))  # >= 2x that in ms at <= 2 GHz
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def copy_gbps(nbytes: int = 1 << 30) -> float:
@@ -40,11 +51,16 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / cuda_ms(lambda: y.copy_(x)) / 1e6
 
 
-def kernels() -> dict[str, Callable]:
+def kernels(block_mins: list[int]) -> dict[str, Callable]:
+    """Kernel variants by name; "cuda staged/B" takes segments of >= B labels block-wide
+    ("off": never), for choosing that threshold on the device."""
     out = {}
     if why_unavailable("cuda") is None:
         from shl_kernels.kernels_cuda import shl_fused_cuda
         out["cuda staged"] = partial(shl_fused_cuda, staged=True)
+        for b in block_mins:
+            out[f"cuda staged/{'off' if b >= 1 << 40 else b}"] = partial(
+                shl_fused_cuda, staged=True, block_min=b)
         out["cuda unstaged"] = partial(shl_fused_cuda, staged=False)
     if why_unavailable("triton") is None:
         from shl_kernels.triton_shl import shl_fused_triton
@@ -61,14 +77,18 @@ def main() -> None:
     p.add_argument("--orders", default="shuffled,segment", help="shuffled, segment or both")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--block-mins", default="",
+                   help="extra staged variants: comma list of block-wide segment sizes or off")
     args = p.parse_args()
+    block_mins = [1 << 40 if b.strip() == "off" else int(b)
+                  for b in args.block_mins.split(",") if b.strip()]
     wanted = None if args.kernels is None else {k.strip() for k in args.kernels.split(",")}
     shapes = [tuple(map(int, s.split(","))) for s in args.shape or
               ["4096,32768,100", "16,8192,64"]]
     dtype = getattr(torch, args.dtype)
     bw = copy_gbps()
     print(f"{torch.cuda.get_device_name(0)}: copy {bw:.0f} GB/s (read + write)")
-    print(f"{'shape':<18} {'dtype':<9} {'labels':<9} {'kernel':<14} {'ms':>8} {'GB/s':>7} "
+    print(f"{'shape':<18} {'dtype':<9} {'labels':<9} {'kernel':<18} {'ms':>8} {'GB/s':>7} "
           f"{'% copy':>7}", flush=True)
     for B, C, m in shapes:
         if why_unavailable("cuda") is None:
@@ -80,7 +100,7 @@ def main() -> None:
             order = None if seg.is_identity_order else seg.order.cuda()
             offsets = seg.offsets.cuda()
             nbytes = B * C * (2 * z.element_size() + 1)
-            for name, fn in kernels().items():
+            for name, fn in kernels(block_mins).items():
                 if wanted is not None and name not in wanted:
                     continue
                 call = partial(fn, z, pos.view(torch.uint8), None, order, offsets, w,
@@ -92,7 +112,7 @@ def main() -> None:
                     continue
                 gbps = nbytes / ms / 1e6
                 print(f"{f'{B}x{C}/{m}':<18} {args.dtype:<9} "
-                      f"{'segment' if ordered else 'shuffled':<9} {name:<14} {ms:>8.3f} "
+                      f"{'segment' if ordered else 'shuffled':<9} {name:<18} {ms:>8.3f} "
                       f"{gbps:>7.0f} {100 * gbps / bw:>6.0f}%", flush=True)
 
 

@@ -35,6 +35,9 @@ struct ShlArgs {
   // CUDA only: [m] segment ids in the order the warps take them (largest first balances
   // them); null = 0..m-1. Changes only which warp does a segment, never the results.
   const int32_t* schedule = nullptr;
+  // CUDA only: segments of at least this many labels are done by a whole block, the others
+  // by a warp or a lane; -1 = twice the block's threads (also a tuning knob for benchmarks).
+  int64_t cuda_block_min = -1;
 };
 
 // Returns nullptr on success, else a static error message.

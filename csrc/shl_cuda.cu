@@ -54,6 +54,7 @@ struct Params {
   A* loss;
   A* grad_eta;
   int64_t C, B, m;
+  int64_t block_min;  // segments of at least this many labels go to the whole block
   A scale;
 };
 
@@ -318,7 +319,8 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
 }
 
 // The row's segments over the block's NT threads. First the segments of at least
-// kBlockFactor * NT labels, which the schedule (largest first) lists first: each by the
+// P.block_min labels (default kBlockFactor * NT), which the schedule (largest first) lists
+// first: each by the
 // whole block, so that no single warp carries a segment much larger than its share of the
 // row while the others wait at the next barrier (a Dirichlet split of 32768 labels into 100
 // segments has segments of several thousand labels). Then the rest: warp w takes the
@@ -340,7 +342,8 @@ __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row,
   if (P.schedule) {
     for (; h < m; ++h) {  // block-uniform: every thread reads the same sizes
       const I k = I(P.schedule[h]);
-      if (P.offsets[k + 1] - P.offsets[k] < int64_t(kBlockFactor) * NT) break;
+      const int64_t at_least = P.block_min >= 0 ? P.block_min : int64_t(kBlockFactor) * NT;
+      if (P.offsets[k + 1] - P.offsets[k] < at_least) break;
       const A l = segment(P, R, row, k, BlockGroup<NT, A>{scratch});
       if (threadIdx.x == 0) acc += l;
     }
@@ -630,6 +633,7 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   P.B = a.B;
   P.m = a.m;
   P.scale = static_cast<A>(a.grad_scale);
+  P.block_min = a.cuda_block_min;
   const unsigned blocks = static_cast<unsigned>(a.B < INT_MAX ? a.B : INT_MAX);
   cudaError_t e = cudaSuccess;
   if (const int bytes = staged_bytes<T, A>(a)) {

@@ -138,8 +138,10 @@ def segmented_harmonic_loss(logits: torch.Tensor, targets, seg: Segmentation, *,
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     order, offsets = _seg_tensors(seg, logits.device)
 
-    def cast(x):
-        return None if x is None else x.to(acc).contiguous()
+    def cast(x):  # the usual fp32 buffers pass through without a dispatcher call
+        if x is None or (x.dtype == acc and x.is_contiguous()):
+            return x
+        return x.to(acc).contiguous()
 
     z = logits if logits.is_contiguous() else logits.contiguous()
     if inplace and z is not logits:

@@ -135,6 +135,12 @@ def test_binding_checks_position(bad, exc):
 
 
 @needs_build
+def test_binding_checks_block_min():
+    with pytest.raises(ValueError, match="^block_min: "):
+        _call_binding(_binding_args(block_min=-2))
+
+
+@needs_build
 def test_binding_rejects_position_without_order():
     with pytest.raises(ValueError, match="^position: given without order"):
         _call_binding(_binding_args(order=None, position=torch.arange(5, dtype=torch.int32)))
@@ -336,6 +342,19 @@ def test_block_wide_segments(dtype):
     p.pos[7] = torch.rand(p.pos.shape[1], generator=torch.Generator().manual_seed(6)) < 0.01
     got, _ = _fused(p, "none")
     _assert_matches(got, _reference(p, "none"), dtype, p.seg)
+
+
+@needs_gpu
+@pytest.mark.parametrize("block_min", [0, 1 << 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_or_warp_for_every_segment(dtype, block_min, monkeypatch):
+    """block_min 0: every segment (singletons, ignored ones, ...) by the whole block;
+    2^40: none (warps and lanes only). Both give the reference's answer."""
+    from shl_kernels import kernels_cuda
+    monkeypatch.setattr(kernels_cuda, "BLOCK_MIN", block_min)
+    p = _problem(SIZES + [1500], 9, dtype, seed=21)
+    got, _ = _fused(p, "mean")
+    _assert_matches(got, _reference(p, "mean"), dtype, p.seg)
 
 
 @needs_gpu
