@@ -1,0 +1,106 @@
+"""Registers, spills and resident blocks per SM of the CUDA kernels, from ptxas (no GPU needed).
+
+Compiles csrc/*.cu for one architecture with `ptxas -v` and prints, per kernel, registers
+per thread, spill bytes, static shared memory and, for the staged SHL kernel, how many
+blocks fit on an SM for a row of C labels (sm_90 limits: 64K registers, 228 KB shared
+memory, 1 KB of it reserved per block). A spill in the per-element loops costs local-memory
+traffic; fewer resident blocks leave memory idle while rows compute.
+Usage: python benchmarks/cuda_resources.py [--arch 90] [--C 32768]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = {"shl_staged_kernel": 512, "shl_fused_kernel": 256}  # the kernels' block sizes
+_DTYPES = {"13__nv_bfloat16f": "bf16", "6__halff": "fp16", "ff": "fp32", "dd": "fp64"}
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+
+
+@dataclass
+class Kernel:
+    name: str  # e.g. "shl_staged_kernel<V=8, bf16>"
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    static_smem: int
+
+
+_ENUM_DTYPES = {"1": "fp32", "2": "fp64", "3": "fp16", "4": "bf16"}  # csrc/dtype.h DType
+_KINDS = {"0": "bce", "1": "focal", "2": "asl"}  # csrc/elementwise.h ElemKind
+
+
+def _pretty(mangled: str) -> str:
+    """shl_staged_kernel<V=8, bf16>, elementwise_kernel<bf16, asl, 256> from a mangled name."""
+    if m := re.search(r"(shl_(?:staged|fused)_kernel)I(?:Li(\d+)E)?(.*?)EEvNS", mangled):
+        kernel, vec, rest = m.groups()
+        dtype = next((v for k, v in _DTYPES.items() if rest.startswith(k)), rest)
+        return f"{kernel}<{'V=' + vec + ', ' if vec else ''}{dtype}>"
+    if m := re.search(r"(elementwise_kernel)ILNS_5DTypeE(\d)ELNS_8ElemKindE(\d)ELi(\d+)E",
+                      mangled):
+        kernel, dtype, kind, block = m.groups()
+        return f"{kernel}<{_ENUM_DTYPES.get(dtype, dtype)}, {_KINDS.get(kind, kind)}, {block}>"
+    return mangled
+
+
+def ptxas_report(source: Path, arch: str = "90") -> list[Kernel]:
+    """ptxas -v figures of every kernel in `source` (raises when nvcc is missing or fails)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found: install the CUDA toolkit or put it on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run(
+            [nvcc, "-O3", "--use_fast_math", "-std=c++17", f"-arch=sm_{arch}", "-cubin",
+             "-Xptxas", "-v", f"-I{ROOT / 'csrc'}", str(source), "-o", f"{tmp}/k.cubin"],
+            capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {source.name}:\n{run.stderr[-3000:]}")
+    out, name, spill = [], None, (0, 0)
+    for line in run.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)'", line):
+            name = _pretty(m.group(1))
+        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            spill = (int(m.group(1)), int(m.group(2)))
+        elif (m := re.search(r"Used (\d+) registers", line)) and name:
+            smem = re.search(r"(\d+) bytes smem", line)
+            out.append(Kernel(name, int(m.group(1)), *spill, int(smem.group(1)) if smem else 0))
+            name, spill = None, (0, 0)
+    return out
+
+
+def staged_blocks_per_sm(k: Kernel, C: int, smem_per_sm: int = 228 * 1024) -> tuple[int, int]:
+    """(resident blocks per SM, dynamic shared memory) of the staged kernel for C labels."""
+    dtype = k.name.split(", ")[-1].rstrip(">")
+    dyn = -(-C * _BYTES[dtype] // 16) * 16 + -(-C // 16) * 16  # z + status, 16-byte words
+    threads = THREADS["shl_staged_kernel"]
+    per_warp = -(-k.registers * 32 // 256) * 256  # registers are allocated per warp, by 256
+    by_regs = 65536 // (per_warp * threads // 32)
+    by_smem = smem_per_sm // (dyn + k.static_smem + 1024)
+    return min(by_regs, by_smem, 2048 // threads), dyn
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="90")
+    p.add_argument("--C", type=int, default=32768, help="labels per row for the occupancy column")
+    args = p.parse_args()
+    print(f"sm_{args.arch}; blocks/SM of the staged kernel for rows of C={args.C} labels")
+    print(f"{'kernel':<34} {'regs':>4} {'spill st/ld':>11} {'smem':>5} {'blocks/SM':>9}")
+    for source in sorted((ROOT / "csrc").glob("*.cu")):
+        for k in ptxas_report(source, args.arch):
+            occ = ""
+            if k.name.startswith("shl_staged_kernel"):
+                blocks, dyn = staged_blocks_per_sm(k, args.C)
+                occ = f"{blocks} ({dyn // 1024} KB)"
+            print(f"{k.name:<34} {k.registers:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} "
+                  f"{k.static_smem:>5} {occ:>9}")
+
+
+if __name__ == "__main__":
+    main()

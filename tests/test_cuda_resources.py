@@ -1,0 +1,46 @@
+"""Static resources of the CUDA SHL kernels from ptxas (runs wherever nvcc is, no GPU): the
+per-element loops must not spill, and a bf16 row of 32768 labels must leave two staged blocks
+resident per SM (what the H100 figures were measured with). Fails when a change to
+csrc/shl_cuda.cu pushes ptxas past its 64 registers; benchmarks/cuda_resources.py shows all."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("cuda_resources",
+                                                  ROOT / "benchmarks" / "cuda_resources.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod, {k.name: k for k in mod.ptxas_report(ROOT / "csrc" / "shl_cuda.cu", "90")}
+
+
+def test_every_kernel_reported(report):
+    _, kernels = report
+    for dtype in ("bf16", "fp16", "fp32", "fp64"):
+        assert f"shl_fused_kernel<{dtype}>" in kernels
+        assert f"shl_staged_kernel<V=1, {dtype}>" in kernels
+
+
+def test_no_spills_outside_fp64(report):
+    _, kernels = report
+    spilling = {name: (k.spill_stores, k.spill_loads) for name, k in kernels.items()
+                if "fp64" not in name and (k.spill_stores or k.spill_loads)}
+    assert not spilling, f"spill bytes (stores, loads) per kernel: {spilling}"
+
+
+def test_two_staged_bf16_blocks_per_sm(report):
+    mod, kernels = report
+    blocks, dyn = mod.staged_blocks_per_sm(kernels["shl_staged_kernel<V=8, bf16>"], 32768)
+    assert dyn == 32768 * 3
+    assert blocks == 2
