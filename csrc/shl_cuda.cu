@@ -33,7 +33,6 @@ namespace shl {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int64_t kSmall = 16;  // segments up to this size: one lane; larger: one warp
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -285,8 +284,8 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
   } else if (npos > 1) {
     loss = 0;
     S = 0;
-  #pragma unroll kUnrollPasses
-  for (I p = s0 + g.rank(); p < s1; p += G) {
+#pragma unroll kUnrollPasses
+    for (I p = s0 + g.rank(); p < s1; p += G) {
       const Elem e = R.get(p);
       if (!e.pos) continue;
       const A u = R.u(p, e), wp = R.weight(p, e);
@@ -320,12 +319,12 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
 
 // The row's segments over the block's NT threads. First the segments of at least
 // P.block_min labels (default kBlockFactor * NT), which the schedule (largest first) lists
-// first: each by the
-// whole block, so that no single warp carries a segment much larger than its share of the
-// row while the others wait at the next barrier (a Dirichlet split of 32768 labels into 100
-// segments has segments of several thousand labels). Then the rest: warp w takes the
-// remaining schedule indices i = w (mod NT/32), 32 at a time (one per lane); a segment of
-// at most kSmall labels is handled by its lane alone, a larger one by the whole warp.
+// first: each by the whole block, so that no single warp carries a segment much larger
+// than its share of the row while the others wait at the next barrier (a Dirichlet split
+// of 32768 labels into 100 segments has segments of several thousand labels; without a
+// schedule, none). Then the rest: warp w takes the remaining schedule indices
+// i = w (mod NT/32), 32 at a time (one per lane); a segment of at most kSmall labels is
+// handled by its lane alone, a larger one by the whole warp.
 // Writes loss[row] (block-wide sum in a fixed order: deterministic); ends with a
 // __syncthreads, so the row's gradient writes are visible to the whole block.
 constexpr int kBlockFactor = 2;
