@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <utility>
 
 #include "dtype.h"
 
@@ -88,6 +89,25 @@ const char* on_device_of(int device, const void* out, const char* not_device_msg
   if (device != current) cudaSetDevice(current);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
+
+// kernel<<<grid, block, smem, stream>>>(args...), and the block's dynamic shared memory
+// (the kernels' extern __shared__ array). Under SHL_CUDA_EMULATION (tests/cuda_emulator:
+// the .cu files built as host C++) both come from the emulator.
+#ifdef SHL_CUDA_EMULATION
+using shl_emu::dynamic_smem;
+using shl_emu::launch_kernel;
+#else
+template <class... Params, class... Args>
+inline void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+}
+
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+}
+#endif
 
 // A per-device int the launchers compute once (device attributes, function attributes set);
 // 0 = not yet. Races only repeat the computation.

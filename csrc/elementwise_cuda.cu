@@ -90,9 +90,9 @@ cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
   const int64_t want = (a.B + rows_per_block - 1) / rows_per_block;
   const int grid = int(want < int64_t(sms) * 16 ? want : int64_t(sms) * 16);
   if (long_rows)
-    elementwise_kernel<ZT, K, kBlock><<<grid, kBlock, 0, stream>>>(a, c);
+    launch_kernel(elementwise_kernel<ZT, K, kBlock>, grid, kBlock, 0, stream, a, c);
   else
-    elementwise_kernel<ZT, K, 32><<<grid, kBlock, 0, stream>>>(a, c);
+    launch_kernel(elementwise_kernel<ZT, K, 32>, grid, kBlock, 0, stream, a, c);
   return cudaGetLastError();
 }
 

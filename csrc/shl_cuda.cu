@@ -157,9 +157,11 @@ struct LaneGroup {
   __device__ __forceinline__ void max_sum(A&, A&) const {}
   template <class V>
   __device__ __forceinline__ V sum(V v) const { return v; }
-  // Where the group's only positive is, given whether this thread saw it and its position.
-  template <class I>
-  __device__ __forceinline__ I only_positive(bool, I mine) const { return mine; }
+  // The group's only positive (position and u), from the thread that saw it in pass 1:
+  // the others must not read its logit (that thread may already be writing its gradient
+  // over it, in place or in shared memory).
+  template <class I, class A>
+  __device__ __forceinline__ void only_positive(bool, I& p, A&) const {}
 };
 
 struct WarpGroup {
@@ -176,9 +178,11 @@ struct WarpGroup {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
     return v;
   }
-  template <class I>
-  __device__ __forceinline__ I only_positive(bool have, I mine) const {
-    return __shfl_sync(kFull, mine, __ffs(__ballot_sync(kFull, have)) - 1);
+  template <class I, class A>
+  __device__ __forceinline__ void only_positive(bool have, I& p, A& u) const {
+    const int src = __ffs(__ballot_sync(kFull, have)) - 1;
+    p = __shfl_sync(kFull, p, src);
+    u = __shfl_sync(kFull, u, src);
   }
 };
 
@@ -203,6 +207,8 @@ struct BlockGroup {
     __syncthreads();
     M = sh->a[0];
     s = sh->b[0];
+    // Rolled: unrolled, ptxas hoisted all the loads and spilled elsewhere in the kernel.
+#pragma unroll 1
     for (int j = 1; j < kW; ++j) merge(M, s, sh->a[j], sh->b[j]);
     __syncthreads();  // the scratch is free again
   }
@@ -212,20 +218,27 @@ struct BlockGroup {
     if (lane() == 0) sh->a[warp()] = A(v);  // counts: exact below 2^24 (only 0, 1, more matter)
     __syncthreads();
     A t = 0;
+#pragma unroll 1
     for (int j = 0; j < kW; ++j) t += sh->a[j];
     __syncthreads();
     return V(t);
   }
   template <class I>
-  __device__ __forceinline__ I only_positive(bool have, I mine) const {
+  __device__ __forceinline__ void only_positive(bool have, I& p, A& u) const {
     const unsigned holders = __ballot_sync(kFull, have);
-    const I p = __shfl_sync(kFull, mine, holders ? __ffs(holders) - 1 : 0);
-    if (lane() == 0) sh->i[warp()] = holders ? int64_t(p) : int64_t(-1);
+    const int src = holders ? __ffs(holders) - 1 : 0;
+    const I wp = __shfl_sync(kFull, p, src);
+    const A wu = __shfl_sync(kFull, u, src);
+    if (lane() == 0) {
+      sh->i[warp()] = holders ? int64_t(wp) : int64_t(-1);
+      sh->a[warp()] = wu;
+    }
     __syncthreads();
-    int64_t q = -1;
-    for (int j = 0; j < kW && q < 0; ++j) q = sh->i[j];
+    int j = 0;
+    while (j < kW - 1 && sh->i[j] < 0) ++j;
+    p = I(sh->i[j]);
+    u = sh->a[j];
     __syncthreads();
-    return I(q);
   }
 };
 
@@ -275,9 +288,12 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
   // the same as pass 2 would give (its other threads add exact zeros).
   A loss, S;
   if (npos == 1) {
-    const I p = g.only_positive(mine, last_pos);
-    const Elem e = R.get(p);
-    const A u = R.u(p, e), wp = R.weight(p, e);
+    // Its owner reads it (no other thread may: the owner's pass 3 may already be writing
+    // over it) and hands it to the group.
+    I p = last_pos;
+    A u = mine ? R.u(p, R.get(p)) : A(0);
+    g.only_positive(mine, p, u);
+    const A wp = R.weight(p, R.get(p));  // weights, flags, order: read-only inputs
     const A D = Aden + exp_(u - M);
     loss = wp * (log_(D) + M - u);
     S = wp / D;
@@ -497,7 +513,7 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base,
 
 template <int V, class T, class A>
 __global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Params<T, A> P) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   __shared__ BlockScratch<kStagedThreads, A> scratch;
   T* zs = reinterpret_cast<T*>(smem);
   uint8_t* st = smem + staged_z_bytes<T>(P.C);
@@ -581,7 +597,7 @@ template <int V, class T, class A>
 cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
   const cudaError_t e = prepare_staged<V, T, A>(bytes);
   if (e != cudaSuccess) return e;
-  shl_staged_kernel<V, T, A><<<blocks, kStagedThreads, bytes, stream>>>(P);
+  launch_kernel(shl_staged_kernel<V, T, A>, blocks, kStagedThreads, bytes, stream, P);
   return cudaSuccess;
 }
 
@@ -641,7 +657,7 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
                      aligned(a.pos, V) && aligned(a.ign, V) && aligned(a.position, 4 * V);
     e = vec ? launch_staged<V>(P, blocks, bytes, stream) : launch_staged<1>(P, blocks, bytes, stream);
   } else {
-    shl_fused_kernel<T, A><<<blocks, kThreads, 0, stream>>>(P);
+    launch_kernel(shl_fused_kernel<T, A>, blocks, kThreads, 0, stream, P);
   }
   return e == cudaSuccess ? cudaGetLastError() : e;
 }

@@ -1,0 +1,185 @@
+"""The CUDA SHL kernel (csrc/shl_cuda.cu) run without a GPU: built as host C++ against the
+emulator in tests/cuda_emulator (one std::thread per CUDA thread, real barriers for
+__syncthreads and the warp shuffles), checked against the PyTorch reference on small
+problems. This covers the kernel's logic (staging, segment passes, block/warp/lane groups,
+reductions, in place, every output written) wherever g++ and the CUDA headers are; the GPU
+runs of tests/test_cuda_kernel.py and tests/test_gpu.py cover the real device."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from test_cuda_kernel import DTYPES, SIZES, _acc, _assert_matches, _problem, _reference
+
+from shl_kernels.fused import FusedSHL, kernel_outputs
+from shl_kernels.kernels_cuda import segment_position, segment_schedule
+
+ROOT = Path(__file__).resolve().parent.parent
+# SHL_EMU_CSRC: another csrc/ (e.g. an older checkout's) to build, for differential runs.
+CSRC = Path(os.environ.get("SHL_EMU_CSRC", ROOT / "csrc"))
+_DTYPE_ENUM = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (from nvcc's own settings), or None."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    run = subprocess.run([nvcc, "-v", "-x", "cu", "-E", "/dev/null", "-o", "/dev/null"],
+                         capture_output=True, text=True, check=False)
+    for inc in re.findall(r'-I"?([^" ]+)', run.stderr):
+        if (Path(inc) / "cuda_bf16.h").exists():
+            return Path(inc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    inc, gxx = _cuda_include(), shutil.which("g++")
+    if inc is None or gxx is None:
+        pytest.skip("needs nvcc's CUDA headers and g++")
+    out = tmp_path_factory.mktemp("cuda_emulated") / "shl_cuda_emulated.so"
+    emu = ROOT / "tests" / "cuda_emulator"
+    cmd = [gxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-DSHL_CUDA_EMULATION",
+           "-DSHL_WITH_CUDA", "-Wno-unknown-pragmas", "-Wno-attributes", f"-I{emu}",
+           f"-I{CSRC}", f"-I{inc}", "-x", "c++", str(CSRC / "shl_cuda.cu"),
+           "-x", "none", str(emu / "shl_cuda_emulated.cpp"), "-o", str(out)]
+    build = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr[-4000:]
+    so = ctypes.CDLL(str(out))
+    so.shl_emulated_fused.restype = ctypes.c_char_p
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    so.shl_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, p, p,
+                                      ctypes.c_double, p, p, p, p, ctypes.c_int, p, i64]
+    return so
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, need_grad_eta,
+                    grad_out=None, *, staged=True, block_min=-1):
+    """fused.FusedKernel over the emulated CUDA kernel (CPU tensors standing in for device
+    memory); the same extra arguments as kernels_cuda.shl_fused_cuda."""
+    loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
+    for t in (loss, grad_eta):  # poisoned: every element must be written
+        if t is not None:
+            t.fill_(float("nan"))
+    if grad_out is None:
+        grad.fill_(float("nan"))
+    position = segment_position(order) if staged and order is not None else None
+    err = so.shl_emulated_fused(
+        _ptr(z), _DTYPE_ENUM[z.dtype], z.shape[0], z.shape[1], offsets.numel() - 1, _ptr(pos),
+        _ptr(ign), _ptr(order), _ptr(offsets), _ptr(w), _ptr(eta), _ptr(delta),
+        float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position), int(staged),
+        _ptr(segment_schedule(offsets)), block_min)
+    if err:
+        raise RuntimeError(err.decode())
+    return loss, grad, grad_eta
+
+
+def _fused(so, p, reduction="mean", *, order=True, inplace=False, **kw):
+    """Loss and (z, eta, delta) gradients through FusedSHL with the emulated kernel."""
+    z = p.z.clone().requires_grad_()
+    eta, delta = p.eta.clone().requires_grad_(), p.delta.clone().requires_grad_()
+    kernel = functools.partial(emulated_kernel, so, **kw)
+    zin = z * 1.0 if inplace else z  # in place needs a non-leaf to overwrite
+    loss = FusedSHL.apply(kernel, zin, p.pos.to(torch.uint8), p.ign.to(torch.uint8),
+                          p.seg.order if order else None, p.seg.offsets, p.w, eta, delta,
+                          reduction, inplace)
+    up = torch.ones_like(loss)
+    grads = torch.autograd.grad(loss, (z, eta, delta), up)
+    return [loss.detach(), *grads]
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(lib, dtype, staged):
+    p = _problem(SIZES, 5, dtype, seed=0)
+    for reduction in ("mean", "none"):
+        _assert_matches(_fused(lib, p, reduction, staged=staged), _reference(p, reduction),
+                        dtype, p.seg)
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+def test_identity_order_and_16_byte_staging(lib, staged):
+    # C = 8 * 40: bf16 rows are staged 16 bytes at a time (V = 8); identity order: no
+    # position map.
+    p = _problem([40] * 8, 3, torch.bfloat16, seed=1, identity=True)
+    _assert_matches(_fused(lib, p, "sum", order=False, staged=staged), _reference(p, "sum"),
+                    torch.bfloat16, p.seg)
+    _assert_matches(_fused(lib, p, "sum", staged=staged), _reference(p, "sum"),
+                    torch.bfloat16, p.seg)
+
+
+@pytest.mark.parametrize("block_min", [-1, 0, 1 << 40], ids=["default", "all", "none"])
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+def test_block_wide_segments(lib, staged, block_min):
+    """As test_cuda_kernel.test_block_wide_segments: segments of 3000, 1100 and 700 labels
+    with no, one, several, an ignored and all positives; block_min moves every segment to
+    the whole block (0) or none (2^40)."""
+    p = _problem([3000, 1100, 700, 40, 1, 9], 7, torch.float32, seed=5, pos_p=0.0, ign_p=0.02)
+    big, mid, third = p.seg.order[:3000], p.seg.order[3000:4100], p.seg.order[4100:4800]
+    p.pos[:] = False
+    chosen = {1: big[[17]], 2: big[[5, 2500, 2999]], 3: torch.stack([big[0], mid[1099]]),
+              4: big[[100]], 5: third[[350]], 6: big}
+    for row, labels in chosen.items():
+        p.pos[row, labels] = True
+        p.ign[row, labels] = row == 4
+    _assert_matches(_fused(lib, p, "none", staged=staged, block_min=block_min),
+                    _reference(p, "none"), torch.float32, p.seg)
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+def test_inplace(lib, staged):
+    p = _problem(SIZES, 4, torch.float32, seed=3)
+    want = _fused(lib, p, "mean", staged=staged)
+    got = _fused(lib, p, "mean", staged=staged, inplace=True)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_special_values(lib):
+    """NaN and inf logits: the same NaN rows and finite rows as the reference."""
+    p = _problem([1200, 1, 30, 3], 6, torch.float32, seed=9, pos_p=0.0, ign_p=0.0)
+    big, single = p.seg.order[:1200], p.seg.order[1200]
+    p.z[0, big[60]] = float("nan")      # negative, block-wide segment
+    p.z[1, big[3]] = float("inf")       # +inf negative
+    p.pos[2, big[7]] = True
+    p.z[2, big[7]] = float("nan")       # the only positive of the big segment
+    p.pos[3, single] = True
+    p.z[3, single] = float("inf")       # +inf positive, singleton segment
+    p.ign[4, big[9]] = True
+    p.z[4, big[9]] = float("nan")       # ignored: takes no part
+    p.z[5, big[11]] = float("-inf")     # a -inf negative is just absent
+    loss, gz, *_ = _fused(lib, p, "none")
+    assert loss[:4].isnan().all()
+    assert gz[4, big[9]] == 0
+    p.z[4, big[9]] = 0.0  # the reference's autograd would spread the ignored NaN
+    want = _reference(p, "none")
+    torch.testing.assert_close(loss[4:].double(), want[0][4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gz[4:].double(), want[1][4:], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scale_and_loss_scaling(lib):
+    # The kernel's loss rows carry grad_scale (so the reduced loss is one sum), like the
+    # gradient; an empty segment gets no gradient and a zero eta gradient.
+    p = _problem(SIZES, 3, torch.float64, seed=4)
+    offsets = torch.cat([p.seg.offsets[:3], p.seg.offsets[2:]])  # segment 2 empty
+    eta = torch.cat([p.eta[:2], torch.tensor([0.3], dtype=_acc(torch.float64)), p.eta[2:]])
+    args = (p.z, p.pos.to(torch.uint8), p.ign.to(torch.uint8), p.seg.order, offsets, p.w, eta,
+            p.delta)
+    l1, g1, e1 = emulated_kernel(lib, *args, 1.0, True)
+    l2, g2, e2 = emulated_kernel(lib, *args, 0.25, True)
+    torch.testing.assert_close(l2, l1 * 0.25, rtol=1e-15, atol=0)
+    torch.testing.assert_close(g2, g1 * 0.25, rtol=1e-15, atol=0)
+    torch.testing.assert_close(e2, e1 * 0.25, rtol=1e-15, atol=0)
+    assert torch.equal(e1[:, 2], torch.zeros(3, dtype=torch.float64))
