@@ -77,7 +77,7 @@ def ptxas_report(source: Path, arch: str = "90") -> list[Kernel]:
 def staged_blocks_per_sm(k: Kernel, C: int, smem_per_sm: int = 228 * 1024) -> tuple[int, int]:
     """(resident blocks per SM, dynamic shared memory) of the staged kernel for C labels."""
     dtype = k.name.split(", ")[-1].rstrip(">")
-    dyn = -(-C * _BYTES[dtype] // 16) * 16 + -(-C // 16) * 16  # z + status, 16-byte words
+    dyn = -(-C * _BYTES[dtype] // 16) * 16 + -(-C // 128) * 16  # z + positives' bits
     threads = THREADS["shl_staged_kernel"]
     per_warp = -(-k.registers * 32 // 256) * 256  # registers are allocated per warp, by 256
     by_regs = 65536 // (per_warp * threads // 32)

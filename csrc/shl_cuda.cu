@@ -2,9 +2,11 @@
 // launch; the contract (scaling, label order, nullable inputs) is in shl_args.h.
 //
 // Design: one block per row (grid-stride over rows). When the row fits shared memory
-// (about C * (sizeof(z) + 1) bytes: bf16 up to ~77k labels on sm_90) it is staged there in
-// segment order, read and written coalesced (shl_staged_kernel); otherwise the segments
-// gather from global memory (shl_fused_kernel). Either way segments of at least twice the
+// (about C * (sizeof(z) + 1/8) bytes: bf16 up to ~109k labels on sm_90) it is staged there
+// in segment order, read and written coalesced, with -inf in place of the ignored labels
+// and the positives (marked in a bitmask, their logits read from global memory), so the
+// per-element passes read no flags (shl_staged_kernel); otherwise the segments gather from
+// global memory (shl_fused_kernel). Either way segments of at least twice the
 // block's threads are done first, each by the whole block (block-strided loops, reductions
 // through shared memory), then the warps deal out the others, largest first, 32 at a time
 // (one per lane; see row_loss). A segment of at most kSmall labels is handled by its lane
@@ -18,9 +20,11 @@
 //      positive: the same from the one found in pass 1; none: the null event, D = A,
 //      S = 1 / D);
 //   3. the gradient of every label (0 when ignored) and of eta.
-// A given element is only ever touched by one lane (same lane in every pass), and it is
-// read before it is written, so grad may alias z. The row loss is summed per thread in
-// a fixed order and then across the block in a fixed order: no atomics, deterministic.
+// A given element is only ever touched by one thread (the same in every pass), and it is
+// read before it is written, so grad may alias z; a value another thread needs (the only
+// positive of a segment) is handed over by its owner. The row loss is summed per thread in
+// a fixed order and then across the block in a fixed order: no atomics on values,
+// deterministic (staging sets bitmask bits with atomicOr, which is order-free).
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -65,6 +69,10 @@ __device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return __logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
 
+template <class A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return -HUGE_VALF; }
+template <> __device__ __forceinline__ double neg_inf<double>() { return -HUGE_VAL; }
+
 // Max that returns NaN when either side is NaN (fmax would drop it), like torch's amax.
 template <class A>
 __device__ __forceinline__ A nan_max(A a, A b) { return (a != a || a > b) ? a : b; }
@@ -93,6 +101,7 @@ struct Elem {
 template <class T, class A>
 struct GlobalRow {
   using Index = int64_t;
+  static constexpr bool kSparse = false;  // every element says whether it is positive
   const Params<T, A>& P;
   int64_t base;  // row * C
   __device__ __forceinline__ Elem get(int64_t p) const {
@@ -110,27 +119,49 @@ struct GlobalRow {
   __device__ __forceinline__ A weight(int64_t, const Elem& e) const {
     return P.w ? P.w[e.id] : A(1);
   }
+  __device__ __forceinline__ A positive_u(int64_t p) const { return u(p, get(p)); }
   __device__ __forceinline__ void put(int64_t, const Elem& e, A g) const {
     P.grad[base + e.id] = DevConv<T>::store(g * P.scale);
   }
 };
 
-// From the row staged in shared memory in segment order (see shl_staged_kernel): z as T and
-// a status byte (bit 0 positive, bit 1 ignored); the gradient replaces z there.
+// From the row staged in shared memory in segment order (see shl_staged_kernel): zs holds z
+// for the negatives and -inf for the ignored labels and the positives, so the per-element
+// passes read no flags (exp(-inf - M) = 0 keeps those out of every sum); the positives, few,
+// are marked in a bitmask (bit p of word p / 32) and their logits read from global memory
+// (intact until the row's gradient goes out). The gradient replaces z in zs. kSparse tells
+// segment() to take the positives from the bitmask.
 template <class T, class A>
 struct StagedRow {
   using Index = int;
+  static constexpr bool kSparse = true;
   const Params<T, A>& P;
   T* zs;
-  const uint8_t* st;
+  const uint32_t* pos_bits;
+  int64_t base;  // row * C
   __device__ __forceinline__ int64_t id(int p) const { return P.order ? P.order[p] : p; }
-  __device__ __forceinline__ Elem get(int p) const {
-    Elem e;
-    const uint8_t s = st[p];
-    e.ign = s & 2;
-    e.pos = !e.ign && (s & 1);
-    e.id = -1;
-    return e;
+  __device__ __forceinline__ Elem get(int) const { return Elem{false, false, -1}; }
+  // f(p) for every positive p in [s0, s1) of the bitmask words first, first + stride, ...
+  // (word-relative to s0's): a group's threads split the words between them.
+  template <class F>
+  __device__ __forceinline__ void for_positives(int s0, int s1, int first, int stride,
+                                                F&& f) const {
+    const int w0 = s0 >> 5, w1 = (s1 - 1) >> 5;  // s1 > s0 >= 0 or the loop is empty
+    for (int w = w0 + first; w <= w1 && s1 > s0; w += stride) {
+      uint32_t bits = pos_bits[w];
+      if (w == w0) bits &= ~0u << (s0 & 31);
+      if (w == w1) bits &= ~0u >> (31 - ((s1 - 1) & 31));
+      while (bits) {
+        const int b = __ffs(bits) - 1;
+        bits &= bits - 1;
+        f((w << 5) + b);
+      }
+    }
+  }
+  __device__ __forceinline__ A positive_u(int p) const {
+    const int64_t c = id(p);
+    const A z = DevConv<T>::load(P.z[base + c]);
+    return P.delta ? z + P.delta[c] : z;
   }
   __device__ __forceinline__ A u(int p, const Elem&) const {
     const A z = DevConv<T>::load(zs[p]);
@@ -151,6 +182,7 @@ struct StagedRow {
 // contain barriers: every thread of the block must call them (segment-uniform branches).
 struct LaneGroup {
   static constexpr int kSize = 1;
+  __device__ __forceinline__ void sync() const {}  // orders the group's shared-memory writes
   __device__ __forceinline__ int rank() const { return 0; }
   __device__ __forceinline__ bool leader() const { return true; }
   template <class A>
@@ -167,6 +199,7 @@ struct LaneGroup {
 struct WarpGroup {
   static constexpr int kSize = 32;
   int lane;
+  __device__ __forceinline__ void sync() const { __syncwarp(); }
   __device__ __forceinline__ int rank() const { return lane; }
   __device__ __forceinline__ bool leader() const { return lane == 0; }
   template <class A>
@@ -197,6 +230,7 @@ template <int NT, class A>
 struct BlockGroup {
   static constexpr int kSize = NT, kW = NT / 32;
   BlockScratch<NT, A>* sh;
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
   __device__ __forceinline__ int rank() const { return threadIdx.x; }
   __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
   __device__ __forceinline__ int lane() const { return threadIdx.x & 31; }
@@ -277,6 +311,19 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
       s += exp_(u - M);  // u = M = +inf gives NaN, as in the reference
     }
   }
+  // Staged rows' positives (bitmask): in the max, not in the sum.
+  if constexpr (Row::kSparse) {
+    R.for_positives(s0, s1, g.rank(), G, [&](int p) {
+      const A u = R.positive_u(p);
+      const A Mn = nan_max(M, u);
+      if (!(Mn == M)) {
+        s *= exp_(M - Mn);
+        M = Mn;
+      }
+      ++npos;
+      last_pos = p;
+    });
+  }
   const bool mine = npos > 0;
   g.max_sum(M, s);
   npos = g.sum(npos);
@@ -288,10 +335,10 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
   // the same as pass 2 would give (its other threads add exact zeros).
   A loss, S;
   if (npos == 1) {
-    // Its owner reads it (no other thread may: the owner's pass 3 may already be writing
-    // over it) and hands it to the group.
+    // Its owner reads it (no other thread may: in place, the owner's pass 3 may already be
+    // writing over it) and hands it to the group.
     I p = last_pos;
-    A u = mine ? R.u(p, R.get(p)) : A(0);
+    A u = mine ? R.positive_u(p) : A(0);
     g.only_positive(mine, p, u);
     const A wp = R.weight(p, R.get(p));  // weights, flags, order: read-only inputs
     const A D = Aden + exp_(u - M);
@@ -300,14 +347,23 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
   } else if (npos > 1) {
     loss = 0;
     S = 0;
+    if constexpr (Row::kSparse) {
+      R.for_positives(s0, s1, g.rank(), G, [&](int p) {
+        const A u = R.positive_u(p), wp = R.weight(p, Elem{});
+        const A D = Aden + exp_(u - M);
+        loss += wp * (log_(D) + M - u);
+        S += wp / D;
+      });
+    } else {
 #pragma unroll kUnrollPasses
-    for (I p = s0 + g.rank(); p < s1; p += G) {
-      const Elem e = R.get(p);
-      if (!e.pos) continue;
-      const A u = R.u(p, e), wp = R.weight(p, e);
-      const A D = Aden + exp_(u - M);
-      loss += wp * (log_(D) + M - u);
-      S += wp / D;
+      for (I p = s0 + g.rank(); p < s1; p += G) {
+        const Elem e = R.get(p);
+        if (!e.pos) continue;
+        const A u = R.u(p, e), wp = R.weight(p, e);
+        const A D = Aden + exp_(u - M);
+        loss += wp * (log_(D) + M - u);
+        S += wp / D;
+      }
     }
     loss = g.sum(loss);
     S = g.sum(S);
@@ -323,10 +379,19 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
     const Elem e = R.get(p);
     A gr = 0;
     if (!e.ign) {
-      const A ex = exp_(R.u(p, e) - M);
+      const A u = R.u(p, e), ex = exp_(u - M);
       gr = e.pos ? -R.weight(p, e) * Aden / (Aden + ex) : ex * S;
+      // Staged rows: ignored labels and positives hold -inf: exactly 0 (also when S is NaN)
+      if constexpr (Row::kSparse) gr = u == neg_inf<A>() ? A(0) : gr;
     }
     R.put(p, e, gr);
+  }
+  if constexpr (Row::kSparse) {  // the positives' gradients, over the 0 just written there
+    g.sync();
+    R.for_positives(s0, s1, g.rank(), G, [&](int p) {
+      const A ex = exp_(R.positive_u(p) - M);
+      R.put(p, Elem{}, -R.weight(p, Elem{}) * Aden / (Aden + ex));
+    });
   }
   if (P.grad_eta && g.leader())  // exp(eta) S, minus 1 for the null event
     P.grad_eta[row * P.m + k] = (e_eta * S - (npos ? A(0) : A(1))) * P.scale;
@@ -400,11 +465,12 @@ __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, 
 }
 
 // Staged: one block per row (grid-stride). The row is read once, coalesced, and scattered
-// into shared memory in segment order (position[c] = segment position of column c); the
-// segments then work on shared memory only, writing their gradient over z there; the
-// gradient goes out coalesced through the same map. Global traffic is z, pos, ign read once
-// and grad written once, where the unstaged kernel gathers 2-byte elements at random
-// (a 32-byte sector per element). C is below 2^31 here (the row fits shared memory).
+// into shared memory in segment order (position[c] = segment position of column c), -inf
+// for ignored labels and positives (see StagedRow); the segments then work on shared memory
+// (plus a global read per positive), writing their gradient over z there; the gradient goes
+// out coalesced through the same map. Global traffic is z, pos, ign read once and grad
+// written once, where the unstaged kernel gathers 2-byte elements at random (a 32-byte
+// sector per element). C is below 2^31 here (the row fits shared memory).
 // V elements per access: 16-byte loads and stores of z and grad when C % V == 0 and the
 // pointers are aligned (checked on the host), else V = 1; kUnroll accesses in flight per
 // thread (a row is read in a few memory round trips, not one per 512 elements; one 16-byte
@@ -435,50 +501,69 @@ __host__ __device__ constexpr int64_t staged_z_bytes(int64_t C) {
   return (C * int64_t(sizeof(T)) + 15) / 16 * 16;
 }
 
-// The status bytes follow z, rounded up to whole 16-byte words (zeroed a word at a time).
-__host__ __device__ constexpr int64_t staged_status_bytes(int64_t C) { return (C + 15) / 16 * 16; }
+// The positives' bitmask follows z in shared memory: bit p % 32 of word p / 32, in whole
+// 16-byte groups of words (cleared 16 bytes at a time).
+__host__ __device__ constexpr int64_t staged_bits_bytes(int64_t C) { return (C + 127) / 128 * 16; }
 
-// Status bytes back to 0 (neither positive nor ignored), 16 bytes per store. Staging then
-// writes only the few nonzero ones: one random-address shared store per element (z) instead
-// of two.
-__device__ __forceinline__ void clear_status(uint8_t* st, int C) {
-  uint4* words = reinterpret_cast<uint4*>(st);
-  const int n = static_cast<int>(staged_status_bytes(C) / 16);
+__device__ __forceinline__ void clear_bits(uint32_t* bits, int C) {
+  uint4* words = reinterpret_cast<uint4*>(bits);
+  const int n = static_cast<int>(staged_bits_bytes(C) / 16);
   for (int q = threadIdx.x; q < n; q += kStagedThreads) words[q] = make_uint4(0, 0, 0, 0);
 }
 
+// -inf as the raw bits of T (what staging writes for ignored labels and positives).
+template <class T> struct NegInfBits;
+template <> struct NegInfBits<float> { static constexpr uint32_t v = 0xff800000u; };
+template <> struct NegInfBits<double> { static constexpr uint64_t v = 0xfff0000000000000ull; };
+template <> struct NegInfBits<__half> { static constexpr uint16_t v = 0xfc00u; };
+template <> struct NegInfBits<__nv_bfloat16> { static constexpr uint16_t v = 0xff80u; };
+
+template <int N> struct UintOf;
+template <> struct UintOf<1> { using type = uint8_t; };
+template <> struct UintOf<2> { using type = uint16_t; };
+template <> struct UintOf<4> { using type = uint32_t; };
+template <> struct UintOf<8> { using type = uint64_t; };
+
+// Reads the row (coalesced) and scatters it into zs in segment order: z for the negatives,
+// -inf for ignored labels and positives, the positives also set in pos_bits (cleared
+// beforehand). Packs without flags (nearly all) take the short path.
 template <int V, class T, class A>
 __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, int C, T* zs_,
-                                          uint8_t* st) {
+                                          uint32_t* pos_bits) {
   constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
   const int n = C / V;
   const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
   Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
+  using Flags = typename UintOf<V>::type;  // a pack's V flag bytes as one integer
   for (int q0 = threadIdx.x; q0 < n; q0 += kStagedThreads * kUnroll) {
     Pack<V, Bits<T>> zv[kUnroll];
-    Pack<V, uint8_t> pv[kUnroll], iv[kUnroll];
+    Flags pv[kUnroll], iv[kUnroll];
     Pack<V, int32_t> xv[kUnroll];
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int64_t c = int64_t(q0 + j * kStagedThreads) * V;
       if (q0 + j * kStagedThreads < n) {
         zv[j] = load_pack<V>(z + base + c);
-        pv[j] = load_pack<V>(P.pos + base + c);
-        if (P.ign) iv[j] = load_pack<V>(P.ign + base + c);
+        pv[j] = *reinterpret_cast<const Flags*>(P.pos + base + c);
+        iv[j] = P.ign ? *reinterpret_cast<const Flags*>(P.ign + base + c) : Flags(0);
         if (P.position) xv[j] = load_pack<V>(P.position + c);
       }
     }
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * kStagedThreads;
-      if (q < n) {
+      if (q >= n) continue;
+      const bool flagged = (pv[j] | iv[j]) != 0;
 #pragma unroll
-        for (int t = 0; t < V; ++t) {
-          const int p = P.position ? xv[j].v[t] : q * V + t;
-          zs[p] = zv[j].v[t];
-          const uint8_t s = (pv[j].v[t] ? 1 : 0) | (P.ign && iv[j].v[t] ? 2 : 0);
-          if (s) st[p] = s;  // st was cleared (clear_status)
+      for (int t = 0; t < V; ++t) {
+        const int p = P.position ? xv[j].v[t] : q * V + t;
+        Bits<T> bits = zv[j].v[t];
+        if (flagged) {
+          const bool ign = (iv[j] >> (8 * t)) & 0xff, pos = (pv[j] >> (8 * t)) & 0xff;
+          if (ign || pos) bits = NegInfBits<T>::v;
+          if (pos && !ign) atomicOr(pos_bits + (p >> 5), 1u << (p & 31));
         }
+        zs[p] = bits;
       }
     }
   }
@@ -516,19 +601,19 @@ __global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Par
   unsigned char* smem = dynamic_smem();
   __shared__ BlockScratch<kStagedThreads, A> scratch;
   T* zs = reinterpret_cast<T*>(smem);
-  uint8_t* st = smem + staged_z_bytes<T>(P.C);
+  uint32_t* pos_bits = reinterpret_cast<uint32_t*>(smem + staged_z_bytes<T>(P.C));
   const int C = static_cast<int>(P.C);
-  clear_status(st, C);
+  clear_bits(pos_bits, C);
   __syncthreads();
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     const int64_t base = row * P.C;
-    stage_row<V>(P, base, C, zs, st);
+    stage_row<V>(P, base, C, zs, pos_bits);
     __syncthreads();
-    row_loss<kStagedThreads>(P, StagedRow<T, A>{P, zs, st}, row, &scratch);
-    // row_loss ended with a barrier: the segments are done with st, which is cleared for
-    // the next row while the gradient goes out.
+    row_loss<kStagedThreads>(P, StagedRow<T, A>{P, zs, pos_bits, base}, row, &scratch);
+    // row_loss ended with a barrier: the segments are done with pos_bits, cleared for the
+    // next row while the gradient goes out.
     unstage_row<V>(P, base, C, zs);
-    clear_status(st, C);
+    clear_bits(pos_bits, C);
     __syncthreads();  // shared memory is restaged for the next row
   }
 }
@@ -562,7 +647,7 @@ inline int smem_optin(int dev) {
 template <class T, class A>
 int staged_bytes(const ShlArgs& a) {
   if (!a.cuda_staging || (a.order && !a.position) || a.C >= INT_MAX) return 0;
-  const int64_t bytes = staged_z_bytes<T>(a.C) + staged_status_bytes(a.C);
+  const int64_t bytes = staged_z_bytes<T>(a.C) + staged_bits_bytes(a.C);
   const int64_t reserve = 1024;  // the kernel's static shared memory (BlockScratch: <= 384 B)
   return bytes + reserve <= smem_optin(current_device()) ? static_cast<int>(bytes) : 0;
 }

@@ -147,11 +147,13 @@ def test_inplace(lib, staged):
         assert torch.equal(a, b)
 
 
-def test_special_values(lib):
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+def test_special_values(lib, staged):
     """NaN and inf logits: the same NaN rows and finite rows as the reference."""
     p = _problem([1200, 1, 30, 3], 6, torch.float32, seed=9, pos_p=0.0, ign_p=0.0)
     big, single = p.seg.order[:1200], p.seg.order[1200]
     p.z[0, big[60]] = float("nan")      # negative, block-wide segment
+    p.ign[0, big[61]] = True            # ignored in a NaN segment: its gradient stays 0
     p.z[1, big[3]] = float("inf")       # +inf negative
     p.pos[2, big[7]] = True
     p.z[2, big[7]] = float("nan")       # the only positive of the big segment
@@ -160,9 +162,9 @@ def test_special_values(lib):
     p.ign[4, big[9]] = True
     p.z[4, big[9]] = float("nan")       # ignored: takes no part
     p.z[5, big[11]] = float("-inf")     # a -inf negative is just absent
-    loss, gz, *_ = _fused(lib, p, "none")
+    loss, gz, *_ = _fused(lib, p, "none", staged=staged)
     assert loss[:4].isnan().all()
-    assert gz[4, big[9]] == 0
+    assert gz[4, big[9]] == 0 and gz[0, big[61]] == 0
     p.z[4, big[9]] = 0.0  # the reference's autograd would spread the ignored NaN
     want = _reference(p, "none")
     torch.testing.assert_close(loss[4:].double(), want[0][4:], rtol=1e-5, atol=1e-5)

@@ -151,6 +151,15 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
   return bits;
 }
 
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  shl_emu::check_full(mask);
+  shl_emu::my_warp().bar.wait("__syncwarp");
+}
+
+inline unsigned atomicOr(unsigned* address, unsigned v) {
+  return __atomic_fetch_or(address, v, __ATOMIC_SEQ_CST);
+}
+
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
