@@ -140,6 +140,13 @@ T __shfl_sync(unsigned mask, T v, int src) {
   return shl_emu::exchange(v, [&](int) { return src; });
 }
 
+template <class T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+  shl_emu::check_full(mask);
+  // a lane past the warp's end reads its own value, as on the GPU
+  return shl_emu::exchange(v, [&](int lane) { return lane + int(delta) < 32 ? lane + int(delta) : lane; });
+}
+
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   shl_emu::check_full(mask);
   shl_emu::Warp& w = shl_emu::my_warp();

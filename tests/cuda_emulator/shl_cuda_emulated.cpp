@@ -1,6 +1,6 @@
-// C entry point of the emulated CUDA SHL kernel (tests/test_cuda_emulated.py loads it with
-// ctypes): csrc/shl_cuda.cu built as host C++ against tests/cuda_emulator/cuda_runtime.h.
-// Pointers are host memory standing in for device memory.
+// C entry points of the emulated CUDA kernels (tests/test_cuda_emulated.py loads them with
+// ctypes): csrc/shl_cuda.cu and csrc/elementwise_cuda.cu built as host C++ against
+// tests/cuda_emulator/cuda_runtime.h. Pointers are host memory standing in for device memory.
 #include <cstdint>
 
 #include "shl_args.h"
@@ -34,4 +34,37 @@ extern "C" const char* shl_emulated_fused(
   a.cuda_block_min = block_min;
   a.device = 0;
   return shl::shl_fused_cuda(a, nullptr);
+}
+
+// The same for csrc/elementwise_cuda.cu (BCE, focal, ASL; see elementwise.h).
+#include "elementwise.h"
+
+extern "C" const char* elementwise_emulated_fused(
+    const void* z, int z_dtype, int64_t B, int64_t C, const uint8_t* pos, const uint8_t* ign,
+    const void* weight, const void* pos_weight, int kind, double alpha, double gamma,
+    double gamma_pos, double gamma_neg, double clip, double eps, int detach, double grad_scale,
+    void* loss_rows, void* loss_el, void* grad) {
+  shl::ElemArgs a;
+  a.z = z;
+  a.z_type = static_cast<shl::DType>(z_dtype);
+  a.B = B;
+  a.C = C;
+  a.pos = pos;
+  a.ign = ign;
+  a.weight = weight;
+  a.pos_weight = pos_weight;
+  a.kind = static_cast<shl::ElemKind>(kind);
+  a.p.alpha = alpha;
+  a.p.gamma = gamma;
+  a.p.gamma_pos = gamma_pos;
+  a.p.gamma_neg = gamma_neg;
+  a.p.clip = clip;
+  a.p.eps = eps;
+  a.p.detach = detach != 0;
+  a.grad_scale = grad_scale;
+  a.loss_rows = loss_rows;
+  a.loss_el = loss_el;
+  a.grad = grad;
+  a.device = 0;
+  return shl::elementwise_fused_cuda(a, nullptr);
 }
