@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-THREADS = {"shl_staged_kernel": 512, "shl_fused_kernel": 256}  # the kernels' block sizes
 _DTYPES = {"13__nv_bfloat16f": "bf16", "6__halff": "fp16", "ff": "fp32", "dd": "fp64"}
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
@@ -38,10 +37,12 @@ _KINDS = {"0": "bce", "1": "focal", "2": "asl"}  # csrc/elementwise.h ElemKind
 
 def _pretty(mangled: str) -> str:
     """shl_staged_kernel<V=8, bf16>, elementwise_kernel<bf16, asl, 256> from a mangled name."""
-    if m := re.search(r"(shl_(?:staged|fused)_kernel)I(?:Li(\d+)E)?(.*?)EEvNS", mangled):
-        kernel, vec, rest = m.groups()
+    if m := re.search(r"(shl_(?:staged|fused)_kernel)I(?:Li(\d+)E)?(?:Li(\d+)E)?(.*?)EEvNS",
+                      mangled):
+        kernel, vec, threads, rest = m.groups()
         dtype = next((v for k, v in _DTYPES.items() if rest.startswith(k)), rest)
-        return f"{kernel}<{'V=' + vec + ', ' if vec else ''}{dtype}>"
+        return (f"{kernel}<{'V=' + vec + ', ' if vec else ''}"
+                f"{threads + ' threads, ' if threads else ''}{dtype}>")
     if m := re.search(r"(elementwise_kernel)ILNS_5DTypeE(\d)ELNS_8ElemKindE(\d)ELi(\d+)E",
                       mangled):
         kernel, dtype, kind, block = m.groups()
@@ -78,7 +79,7 @@ def staged_blocks_per_sm(k: Kernel, C: int, smem_per_sm: int = 228 * 1024) -> tu
     """(resident blocks per SM, dynamic shared memory) of the staged kernel for C labels."""
     dtype = k.name.split(", ")[-1].rstrip(">")
     dyn = -(-C * _BYTES[dtype] // 16) * 16 + -(-C // 128) * 16  # z + positives' bits
-    threads = THREADS["shl_staged_kernel"]
+    threads = int(re.search(r"(\d+) threads", k.name).group(1))
     per_warp = -(-k.registers * 32 // 256) * 256  # registers are allocated per warp, by 256
     by_regs = 65536 // (per_warp * threads // 32)
     by_smem = smem_per_sm // (dyn + k.static_smem + 1024)
@@ -91,14 +92,14 @@ def main() -> None:
     p.add_argument("--C", type=int, default=32768, help="labels per row for the occupancy column")
     args = p.parse_args()
     print(f"sm_{args.arch}; blocks/SM of the staged kernel for rows of C={args.C} labels")
-    print(f"{'kernel':<34} {'regs':>4} {'spill st/ld':>11} {'smem':>5} {'blocks/SM':>9}")
+    print(f"{'kernel':<46} {'regs':>4} {'spill st/ld':>11} {'smem':>5} {'blocks/SM':>9}")
     for source in sorted((ROOT / "csrc").glob("*.cu")):
         for k in ptxas_report(source, args.arch):
             occ = ""
             if k.name.startswith("shl_staged_kernel"):
                 blocks, dyn = staged_blocks_per_sm(k, args.C)
                 occ = f"{blocks} ({dyn // 1024} KB)"
-            print(f"{k.name:<34} {k.registers:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} "
+            print(f"{k.name:<46} {k.registers:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} "
                   f"{k.static_smem:>5} {occ:>9}")
 
 

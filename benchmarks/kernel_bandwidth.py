@@ -52,12 +52,14 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
 
 
 def kernels(block_mins: list[int]) -> dict[str, Callable]:
-    """Kernel variants by name; "cuda staged/B" takes segments of >= B labels block-wide
-    ("off": never), for choosing that threshold on the device."""
+    """Kernel variants by name; "cuda staged/256t" runs blocks of 256 threads (three rows per
+    SM), "cuda staged/B" takes segments of >= B labels block-wide ("off": never): for
+    choosing these on the device."""
     out = {}
     if why_unavailable("cuda") is None:
         from shl_kernels.kernels_cuda import shl_fused_cuda
         out["cuda staged"] = partial(shl_fused_cuda, staged=True)
+        out["cuda staged/256t"] = partial(shl_fused_cuda, staged=True, staged_threads=256)
         for b in block_mins:
             out[f"cuda staged/{'off' if b >= 1 << 40 else b}"] = partial(
                 shl_fused_cuda, staged=True, block_min=b)

@@ -38,6 +38,8 @@ struct ShlArgs {
   // CUDA only: segments of at least this many labels are done by a whole block, the others
   // by a warp or a lane; -1 = twice the block's threads (also a tuning knob for benchmarks).
   int64_t cuda_block_min = -1;
+  // CUDA only: threads per block of the staged kernel, 512 (0 = default) or 256.
+  int cuda_staged_threads = 0;
 };
 
 // Returns nullptr on success, else a static error message.

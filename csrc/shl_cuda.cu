@@ -476,7 +476,13 @@ __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, 
 // thread (a row is read in a few memory round trips, not one per 512 elements; one 16-byte
 // access at a time keeps the 16-byte variants within 64 registers: sm_90 ptxas spilled
 // with two). fp64 spills either way (a correctness path on GPUs).
+// NT threads per block: 512 (two blocks per SM, 64 registers each) by default, or 256
+// (three blocks, hence three rows, per SM when three rows fit shared memory; a knob to
+// compare on a GPU, see ShlArgs::cuda_staged_threads).
 constexpr int kStagedThreads = 512;
+
+template <int NT>
+constexpr int staged_min_blocks() { return NT >= 512 ? 2 : 3; }
 
 template <int N, class T>
 struct alignas(sizeof(T) * N) Pack {
@@ -505,10 +511,11 @@ __host__ __device__ constexpr int64_t staged_z_bytes(int64_t C) {
 // 16-byte groups of words (cleared 16 bytes at a time).
 __host__ __device__ constexpr int64_t staged_bits_bytes(int64_t C) { return (C + 127) / 128 * 16; }
 
+template <int NT>
 __device__ __forceinline__ void clear_bits(uint32_t* bits, int C) {
   uint4* words = reinterpret_cast<uint4*>(bits);
   const int n = static_cast<int>(staged_bits_bytes(C) / 16);
-  for (int q = threadIdx.x; q < n; q += kStagedThreads) words[q] = make_uint4(0, 0, 0, 0);
+  for (int q = threadIdx.x; q < n; q += NT) words[q] = make_uint4(0, 0, 0, 0);
 }
 
 // -inf as the raw bits of T (what staging writes for ignored labels and positives).
@@ -527,7 +534,7 @@ template <> struct UintOf<8> { using type = uint64_t; };
 // Reads the row (coalesced) and scatters it into zs in segment order: z for the negatives,
 // -inf for ignored labels and positives, the positives also set in pos_bits (cleared
 // beforehand). Packs without flags (nearly all) take the short path.
-template <int V, class T, class A>
+template <int V, int NT, class T, class A>
 __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, int C, T* zs_,
                                           uint32_t* pos_bits) {
   constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
@@ -535,14 +542,14 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
   const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
   Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
   using Flags = typename UintOf<V>::type;  // a pack's V flag bytes as one integer
-  for (int q0 = threadIdx.x; q0 < n; q0 += kStagedThreads * kUnroll) {
+  for (int q0 = threadIdx.x; q0 < n; q0 += NT * kUnroll) {
     Pack<V, Bits<T>> zv[kUnroll];
     Flags pv[kUnroll], iv[kUnroll];
     Pack<V, int32_t> xv[kUnroll];
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
-      const int64_t c = int64_t(q0 + j * kStagedThreads) * V;
-      if (q0 + j * kStagedThreads < n) {
+      const int64_t c = int64_t(q0 + j * NT) * V;
+      if (q0 + j * NT < n) {
         zv[j] = load_pack<V>(z + base + c);
         pv[j] = *reinterpret_cast<const Flags*>(P.pos + base + c);
         iv[j] = P.ign ? *reinterpret_cast<const Flags*>(P.ign + base + c) : Flags(0);
@@ -551,7 +558,7 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
     }
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
-      const int q = q0 + j * kStagedThreads;
+      const int q = q0 + j * NT;
       if (q >= n) continue;
       const bool flagged = (pv[j] | iv[j]) != 0;
 #pragma unroll
@@ -569,18 +576,18 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
   }
 }
 
-template <int V, class T, class A>
+template <int V, int NT, class T, class A>
 __device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base, int C,
                                             const T* zs_) {
   constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
   const int n = C / V;
   const Bits<T>* zs = reinterpret_cast<const Bits<T>*>(zs_);
   Bits<T>* grad = reinterpret_cast<Bits<T>*>(P.grad);
-  for (int q0 = threadIdx.x; q0 < n; q0 += kStagedThreads * kUnroll) {
+  for (int q0 = threadIdx.x; q0 < n; q0 += NT * kUnroll) {
     Pack<V, Bits<T>> gv[kUnroll];
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
-      const int q = q0 + j * kStagedThreads;
+      const int q = q0 + j * NT;
       if (q < n) {
         Pack<V, int32_t> xv;
         if (P.position) xv = load_pack<V>(P.position + int64_t(q) * V);
@@ -590,30 +597,31 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base,
     }
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
-      const int q = q0 + j * kStagedThreads;
+      const int q = q0 + j * NT;
       if (q < n) *reinterpret_cast<Pack<V, Bits<T>>*>(grad + base + int64_t(q) * V) = gv[j];
     }
   }
 }
 
-template <int V, class T, class A>
-__global__ void __launch_bounds__(kStagedThreads, 2) shl_staged_kernel(const Params<T, A> P) {
+template <int V, int NT, class T, class A>
+__global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
+    shl_staged_kernel(const Params<T, A> P) {
   unsigned char* smem = dynamic_smem();
-  __shared__ BlockScratch<kStagedThreads, A> scratch;
+  __shared__ BlockScratch<NT, A> scratch;
   T* zs = reinterpret_cast<T*>(smem);
   uint32_t* pos_bits = reinterpret_cast<uint32_t*>(smem + staged_z_bytes<T>(P.C));
   const int C = static_cast<int>(P.C);
-  clear_bits(pos_bits, C);
+  clear_bits<NT>(pos_bits, C);
   __syncthreads();
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     const int64_t base = row * P.C;
-    stage_row<V>(P, base, C, zs, pos_bits);
+    stage_row<V, NT>(P, base, C, zs, pos_bits);
     __syncthreads();
-    row_loss<kStagedThreads>(P, StagedRow<T, A>{P, zs, pos_bits, base}, row, &scratch);
+    row_loss<NT>(P, StagedRow<T, A>{P, zs, pos_bits, base}, row, &scratch);
     // row_loss ended with a barrier: the segments are done with pos_bits, cleared for the
     // next row while the gradient goes out.
-    unstage_row<V>(P, base, C, zs);
-    clear_bits(pos_bits, C);
+    unstage_row<V, NT>(P, base, C, zs);
+    clear_bits<NT>(pos_bits, C);
     __syncthreads();  // shared memory is restaged for the next row
   }
 }
@@ -660,17 +668,17 @@ inline bool aligned(const void* p, int64_t n) {
 // kernel must opt in; the carveout hint asks for the largest shared-memory split so that two
 // blocks fit per SM (the driver may otherwise pick a split that fits only one). Done once
 // per device and size (then remembered: the attributes stay set).
-template <int V, class T, class A>
+template <int V, int NT, class T, class A>
 cudaError_t prepare_staged(int bytes) {
   static PerDevice allowed;  // largest `bytes` prepared so far, per device
   const int dev = current_device();
   if (dev >= 0 && allowed.get(dev) >= bytes) return cudaSuccess;
   if (bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, T, A>,
+    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, NT, T, A>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e != cudaSuccess) return e;
   }
-  if (cudaFuncSetAttribute(shl_staged_kernel<V, T, A>,
+  if (cudaFuncSetAttribute(shl_staged_kernel<V, NT, T, A>,
                            cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     cudaGetLastError();  // only a hint
@@ -678,12 +686,19 @@ cudaError_t prepare_staged(int bytes) {
   return cudaSuccess;
 }
 
-template <int V, class T, class A>
+template <int V, int NT, class T, class A>
 cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
-  const cudaError_t e = prepare_staged<V, T, A>(bytes);
+  const cudaError_t e = prepare_staged<V, NT, T, A>(bytes);
   if (e != cudaSuccess) return e;
-  launch_kernel(shl_staged_kernel<V, T, A>, blocks, kStagedThreads, bytes, stream, P);
+  launch_kernel(shl_staged_kernel<V, NT, T, A>, blocks, NT, bytes, stream, P);
   return cudaSuccess;
+}
+
+template <int V, class T, class A>
+cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, int threads,
+                          cudaStream_t stream) {
+  return threads == 256 ? launch_staged<V, 256>(P, blocks, bytes, stream)
+                        : launch_staged<V, kStagedThreads>(P, blocks, bytes, stream);
 }
 
 // Resident blocks per SM of the staged kernel (16-byte variant) for rows of C labels.
@@ -702,10 +717,10 @@ const char* staged_occupancy(int64_t C, int* blocks_per_sm, int* bytes_out) {
   *blocks_per_sm = 0;
   if (!bytes) return nullptr;  // the row does not fit: unstaged kernel
   constexpr int V = 16 / sizeof(T);
-  cudaError_t e = prepare_staged<V, T, A>(bytes);
+  cudaError_t e = prepare_staged<V, kStagedThreads, T, A>(bytes);
   if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, shl_staged_kernel<V, T, A>,
-                                                      kStagedThreads, bytes);
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        blocks_per_sm, shl_staged_kernel<V, kStagedThreads, T, A>, kStagedThreads, bytes);
   if (e != cudaSuccess) {
     cudaGetLastError();
     return cudaGetErrorString(e);
@@ -740,7 +755,9 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
     constexpr int V = 16 / sizeof(T);
     const bool vec = a.C % V == 0 && aligned(a.z, 16) && aligned(a.grad, 16) &&
                      aligned(a.pos, V) && aligned(a.ign, V) && aligned(a.position, 4 * V);
-    e = vec ? launch_staged<V>(P, blocks, bytes, stream) : launch_staged<1>(P, blocks, bytes, stream);
+    const int nt = a.cuda_staged_threads;
+    e = vec ? launch_staged<V>(P, blocks, bytes, nt, stream)
+            : launch_staged<1>(P, blocks, bytes, nt, stream);
   } else {
     launch_kernel(shl_fused_kernel<T, A>, blocks, kThreads, 0, stream, P);
   }

@@ -27,9 +27,11 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
            const py::object& offsets, const py::object& w, const py::object& eta, const py::object& delta,
            double grad_scale, const py::object& loss, const py::object& grad, const py::object& grad_eta,
            uintptr_t stream, const py::object& position, bool staged,
-           const py::object& schedule, int64_t block_min) {
+           const py::object& schedule, int64_t block_min, int staged_threads) {
   if (block_min < -1)
     throw py::value_error("block_min: expected -1 (the default) or a segment size >= 0");
+  if (staged_threads != 0 && staged_threads != 256 && staged_threads != 512)
+    throw py::value_error("staged_threads: expected 0 (the default, 512), 256 or 512");
   ShlArgs a = shl_args_from_capsules(Backend::kCUDA, z, pos, ign, order, offsets, w, eta, delta,
                                      grad_scale, loss, grad, grad_eta);
   const TensorView zv = view(z, "z");
@@ -41,6 +43,7 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
   }
   a.cuda_staging = staged ? 1 : 0;
   a.cuda_block_min = block_min;
+  a.cuda_staged_threads = staged_threads;
   if (!schedule.is_none())
     a.schedule = detail::arg(schedule, "schedule", zv, false, DType::kI32, "int32", {a.m})
                      .ptr<const int32_t>();
@@ -60,13 +63,15 @@ void register_cuda(py::module_& m) {
         py::arg("loss"), py::arg("grad"), py::arg("grad_eta"), py::arg("stream"),
         py::arg("position") = py::none(), py::arg("staged") = true,
         py::arg("schedule") = py::none(), py::arg("block_min") = -1,
+        py::arg("staged_threads") = 0,
         "Fused SHL loss rows and gradients on CUDA (contract: csrc/shl_args.h); tensors as DLPack "
         "capsules, stream the cudaStream_t as an int; enqueued on that stream, not synchronised. "
         "position (int32 [C], the inverse of order) lets rows that fit shared memory be staged "
         "there; staged=False forces the unstaged kernel. schedule (int32 [m], a permutation of the "
         "segment ids) is the order the segments are taken: largest first balances the warps, and the "
         "leading segments of at least block_min labels (-1: twice the block's threads) are each "
-        "done by the whole block.");
+        "done by the whole block. staged_threads: threads per block of the staged kernel (0: 512, "
+        "or 256, which fits three rows per SM where they fit shared memory).");
   m.def(
       "cuda_staged_occupancy",
       [](const std::string& dtype, int64_t C) -> py::tuple {

@@ -34,6 +34,9 @@ STAGED = os.environ.get("SHL_CUDA_STAGED", "1") != "0"
 # SHL_CUDA_BLOCK_MIN: segments of at least this many labels are each done by a whole block
 # (-1: the kernel's default, twice the block's threads); for tuning on a GPU.
 BLOCK_MIN = int(os.environ.get("SHL_CUDA_BLOCK_MIN", "-1"))
+# SHL_CUDA_STAGED_THREADS: threads per block of the staged kernel, 512 (default) or 256
+# (three rows per SM instead of two where they fit shared memory); for tuning on a GPU.
+STAGED_THREADS = int(os.environ.get("SHL_CUDA_STAGED_THREADS", "0"))
 
 # Tensors derived from order / offsets, per source tensor (the loss caches both per device on
 # the Segmentation, so the same tensors come back every step); dropped with the source.
@@ -78,17 +81,20 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                    eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
                    need_grad_eta: bool, grad_out: torch.Tensor | None = None, *,
                    staged: bool | None = None, block_min: int | None = None,
+                   staged_threads: int | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """FusedKernel on CUDA tensors (see fused.FusedKernel); runs on z's current stream.
     staged: stage rows in shared memory when they fit (default `STAGED`); block_min: the
-    smallest segment a whole block takes (default `BLOCK_MIN`)."""
+    smallest segment a whole block takes (default `BLOCK_MIN`); staged_threads: 512 or 256
+    threads per staged block (default `STAGED_THREADS`, 0 = 512)."""
     staged = STAGED if staged is None else staged
     block_min = BLOCK_MIN if block_min is None else block_min
+    staged_threads = STAGED_THREADS if staged_threads is None else staged_threads
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
     position = segment_position(order) if staged and order is not None else None
     c = capsule
     native().shl_fused_cuda(
         c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
         c(loss), c(grad), c(grad_eta), stream_handle(z.device),
-        c(position), staged, c(segment_schedule(offsets)), block_min)
+        c(position), staged, c(segment_schedule(offsets)), block_min, staged_threads)
     return loss, grad, grad_eta

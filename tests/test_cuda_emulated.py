@@ -60,7 +60,8 @@ def lib(tmp_path_factory):
     so.shl_emulated_fused.restype = ctypes.c_char_p
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     so.shl_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, p, p,
-                                      ctypes.c_double, p, p, p, p, ctypes.c_int, p, i64]
+                                      ctypes.c_double, p, p, p, p, ctypes.c_int, p, i64,
+                                      ctypes.c_int]
     d = ctypes.c_double
     so.elementwise_emulated_fused.restype = ctypes.c_char_p
     so.elementwise_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, p, ctypes.c_int,
@@ -73,7 +74,7 @@ def _ptr(t: torch.Tensor | None):
 
 
 def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, need_grad_eta,
-                    grad_out=None, *, staged=True, block_min=-1):
+                    grad_out=None, *, staged=True, block_min=-1, staged_threads=0):
     """fused.FusedKernel over the emulated CUDA kernel (CPU tensors standing in for device
     memory); the same extra arguments as kernels_cuda.shl_fused_cuda."""
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
@@ -87,7 +88,7 @@ def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, 
         _ptr(z), _DTYPE_ENUM[z.dtype], z.shape[0], z.shape[1], offsets.numel() - 1, _ptr(pos),
         _ptr(ign), _ptr(order), _ptr(offsets), _ptr(w), _ptr(eta), _ptr(delta),
         float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position), int(staged),
-        _ptr(segment_schedule(offsets)), block_min)
+        _ptr(segment_schedule(offsets)), block_min, staged_threads)
     if err:
         raise RuntimeError(err.decode())
     return loss, grad, grad_eta
@@ -107,12 +108,17 @@ def _fused(so, p, reduction="mean", *, order=True, inplace=False, **kw):
     return [loss.detach(), *grads]
 
 
-@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+# staged with 512 threads per block (default), 256, or the unstaged kernel
+KERNELS = {"staged": {"staged": True}, "staged256": {"staged": True, "staged_threads": 256},
+           "unstaged": {"staged": False}}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(lib, dtype, staged):
+def test_matches_reference(lib, dtype, kernel):
     p = _problem(SIZES, 5, dtype, seed=0)
     for reduction in ("mean", "none"):
-        _assert_matches(_fused(lib, p, reduction, staged=staged), _reference(p, reduction),
+        _assert_matches(_fused(lib, p, reduction, **KERNELS[kernel]), _reference(p, reduction),
                         dtype, p.seg)
 
 
@@ -128,8 +134,8 @@ def test_identity_order_and_16_byte_staging(lib, staged):
 
 
 @pytest.mark.parametrize("block_min", [-1, 0, 1 << 40], ids=["default", "all", "none"])
-@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
-def test_block_wide_segments(lib, staged, block_min):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_block_wide_segments(lib, kernel, block_min):
     """As test_cuda_kernel.test_block_wide_segments: segments of 3000, 1100 and 700 labels
     with no, one, several, an ignored and all positives; block_min moves every segment to
     the whole block (0) or none (2^40)."""
@@ -141,7 +147,7 @@ def test_block_wide_segments(lib, staged, block_min):
     for row, labels in chosen.items():
         p.pos[row, labels] = True
         p.ign[row, labels] = row == 4
-    _assert_matches(_fused(lib, p, "none", staged=staged, block_min=block_min),
+    _assert_matches(_fused(lib, p, "none", block_min=block_min, **KERNELS[kernel]),
                     _reference(p, "none"), torch.float32, p.seg)
 
 

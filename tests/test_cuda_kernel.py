@@ -135,9 +135,11 @@ def test_binding_checks_position(bad, exc):
 
 
 @needs_build
-def test_binding_checks_block_min():
+def test_binding_checks_block_min_and_staged_threads():
     with pytest.raises(ValueError, match="^block_min: "):
         _call_binding(_binding_args(block_min=-2))
+    with pytest.raises(ValueError, match="^staged_threads: "):
+        _call_binding(_binding_args(staged_threads=128))
 
 
 @needs_build
@@ -206,12 +208,16 @@ def test_binding_zero_rows_touches_nothing():
 
 # ---------------------------------------------------------------- GPU: against the reference
 
-@pytest.fixture(autouse=True, params=[True, False], ids=["staged", "unstaged"])
+@pytest.fixture(autouse=True, params=[(True, 0), (True, 256), (False, 0)],
+                ids=["staged", "staged256", "unstaged"])
 def _staging(request, monkeypatch):
-    """Every GPU test runs with rows staged in shared memory and with the unstaged kernel."""
+    """Every GPU test runs with rows staged in shared memory (blocks of 512 threads, and of
+    256) and with the unstaged kernel; the fixture's value says whether staged."""
     from shl_kernels import kernels_cuda
-    monkeypatch.setattr(kernels_cuda, "STAGED", request.param)
-    return request.param
+    staged, threads = request.param
+    monkeypatch.setattr(kernels_cuda, "STAGED", staged)
+    monkeypatch.setattr(kernels_cuda, "STAGED_THREADS", threads)
+    return staged
 
 
 def _acc(dtype):

@@ -10,7 +10,7 @@ extern "C" const char* shl_emulated_fused(
     const uint8_t* ign, const int64_t* order, const int64_t* offsets, const void* w,
     const void* eta, const void* delta, double grad_scale, void* loss, void* grad,
     void* grad_eta, const int32_t* position, int staged, const int32_t* schedule,
-    int64_t block_min) {
+    int64_t block_min, int staged_threads) {
   shl::ShlArgs a;
   a.z = z;
   a.z_dtype = static_cast<shl::DType>(z_dtype);
@@ -32,6 +32,7 @@ extern "C" const char* shl_emulated_fused(
   a.cuda_staging = staged;
   a.schedule = schedule;
   a.cuda_block_min = block_min;
+  a.cuda_staged_threads = staged_threads;
   a.device = 0;
   return shl::shl_fused_cuda(a, nullptr);
 }
