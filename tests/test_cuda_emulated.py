@@ -22,6 +22,7 @@ from test_cuda_kernel import DTYPES, SIZES, _acc, _assert_matches, _problem, _re
 from shl_kernels.fused import FusedSHL, kernel_outputs
 from shl_kernels.kernels_cuda import segment_position, segment_schedule
 from shl_kernels.kernels_elementwise import KINDS, ElemSpec, elementwise_cpu
+from shl_kernels.reference import shl_loss_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 # SHL_EMU_CSRC: another csrc/ (e.g. an older checkout's) to build, for differential runs.
@@ -245,3 +246,18 @@ def test_elementwise_matches_cpu_kernel(lib, loss, dtype, shape):
     for got, want in zip(out["cuda"], out["cpu"], strict=True):
         assert not got.isnan().any()
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_without_optional_inputs(lib, kernel):
+    """No label weights, null logits, logit offsets or ignore mask (all null pointers)."""
+    p = _problem(SIZES + [1100], 4, torch.float32, seed=12)
+    loss, grad, geta = emulated_kernel(lib, p.z, p.pos.to(torch.uint8), None, p.seg.order,
+                                       p.seg.offsets, None, None, None, 1.0, False,
+                                       **KERNELS[kernel])
+    assert geta is None
+    z = p.z.double().requires_grad_()
+    ref = shl_loss_reference(z, p.pos, p.seg, reduction="none")
+    (gref,) = torch.autograd.grad(ref.sum(), z)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), gref, rtol=1e-5, atol=1e-6)
