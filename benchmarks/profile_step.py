@@ -16,6 +16,56 @@ import shl_kernels as shl
 from shl_kernels.backends import why_unavailable
 
 
+def _host_us(fn, sync, n: int = 200) -> float:
+    """Host time of fn in microseconds (median of 5 batches of n calls; queued, not synced)."""
+    for _ in range(20):
+        fn()
+    sync()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n * 1e6)
+        sync()
+    return sorted(times)[2]
+
+
+def host_costs(z, pos, seg, w, eta, backend, sync) -> dict[str, float]:
+    """Where a step's host time goes: one small torch op (the unit a launch costs), the fused
+    loss forward alone, its backward alone, and the kernel wrapper alone."""
+    from shl_kernels.backends import fused_kernel
+    from shl_kernels.loss import _seg_tensors
+
+    small = torch.zeros(16, device=z.device)
+    out = {"one small op (x.mul_(1))": _host_us(lambda: small.mul_(1.0), sync)}
+
+    def forward():
+        return shl.segmented_harmonic_loss(z, pos, seg, label_weights=w, null_logits=eta,
+                                           backend=backend)
+
+    out["loss forward"] = _host_us(forward, sync)
+    losses = []
+
+    def backward():
+        z.grad = None
+        losses.pop().backward()
+
+    def fb():
+        losses.append(forward())
+        backward()
+
+    out["forward + backward"] = _host_us(fb, sync)
+    out["backward (difference)"] = out["forward + backward"] - out["loss forward"]
+    order, offsets = _seg_tensors(seg, z.device)
+    kernel = fused_kernel(backend)
+    pos8 = pos.view(torch.uint8)
+    out["kernel wrapper alone"] = _host_us(
+        lambda: kernel(z.detach(), pos8, None, order, offsets, w, eta.detach(), None,
+                       1.0 / z.shape[0], True), sync)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="16,8192,64")
@@ -53,6 +103,8 @@ def main() -> None:
             sync()
         print(f"\n{backend} B={B} C={C} m={m}: host {host:.0f} us/step (no sync), "
               f"{wall:.0f} us/step with the final sync")
+        for name, us in host_costs(z, pos, seg, w, eta, backend, sync).items():
+            print(f"  host {name}: {us:.1f} us")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18,
                                         max_name_column_width=48))
 
