@@ -103,7 +103,7 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 # block-wide segments off / from 512 / from 2048 labels (default 1024).
 # (It measures the device copy bandwidth first.) Then where the host time of a B=16 step
 # goes (torch.profiler), in the same log.
-TAIL=30 step kernel_bw 120 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,512,2048 && \
+TAIL=30 step kernel_bw 150 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,512,2048 && \
   $PY benchmarks/profile_step.py --steps 30"
 
 # Nsight Compute on one launch of the staged CUDA kernel (4096 x 32768, bf16, shuffled
