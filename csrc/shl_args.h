@@ -40,6 +40,12 @@ struct ShlArgs {
   int64_t cuda_block_min = -1;
   // CUDA only: threads per block of the staged kernel, 512 (0 = default) or 256.
   int cuda_staged_threads = 0;
+  // CUDA only, optional: the reductions a "mean"/"sum" loss needs, by a second launch on the
+  // same stream (deterministic, fixed order), so that no torch op follows the kernel:
+  // loss_total (0-dim acc) = sum of loss over rows; grad_eta_total ([m] acc, needs
+  // grad_eta) = sum of grad_eta over rows. Null = skip.
+  void* loss_total = nullptr;
+  void* grad_eta_total = nullptr;
 };
 
 // Returns nullptr on success, else a static error message.

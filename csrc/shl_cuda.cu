@@ -764,10 +764,44 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   return e == cudaSuccess ? cudaGetLastError() : e;
 }
 
+// The row sums of ShlArgs::loss_total / grad_eta_total: block j < m sums column j of
+// grad_eta, block m the row losses; each thread its rows in order, then a fixed tree.
+constexpr int kReduceThreads = 256;
+
+template <class A>
+__global__ void __launch_bounds__(kReduceThreads) shl_row_sums_kernel(
+    const A* __restrict__ loss, const A* __restrict__ grad_eta, int64_t B, int64_t m,
+    A* __restrict__ loss_total, A* __restrict__ grad_eta_total) {
+  __shared__ A part[kReduceThreads];
+  const int64_t j = blockIdx.x;
+  const bool is_loss = j == m;
+  if (is_loss ? !loss_total : !grad_eta_total) return;  // block-uniform
+  A s = 0;
+  for (int64_t b = threadIdx.x; b < B; b += kReduceThreads)
+    s += is_loss ? loss[b] : grad_eta[b * m + j];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *(is_loss ? loss_total : grad_eta_total + j) = part[0];
+}
+
 template <DType D>
 cudaError_t launch_dtype(const ShlArgs& a, cudaStream_t stream) {
   using T = typename DevStorage<D>::type;
-  return launch<T, typename DevConv<T>::A>(a, stream);
+  using A = typename DevConv<T>::A;
+  cudaError_t e = launch<T, A>(a, stream);
+  if (e == cudaSuccess && (a.loss_total || a.grad_eta_total)) {
+    const unsigned blocks = static_cast<unsigned>(a.m + 1);
+    launch_kernel(shl_row_sums_kernel<A>, blocks, kReduceThreads, 0, stream,
+                  static_cast<const A*>(a.loss), static_cast<const A*>(a.grad_eta), a.B, a.m,
+                  static_cast<A*>(a.loss_total), a.grad_eta ? static_cast<A*>(a.grad_eta_total)
+                                                            : static_cast<A*>(nullptr));
+    e = cudaGetLastError();
+  }
+  return e;
 }
 
 }  // namespace

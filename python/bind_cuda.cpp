@@ -27,7 +27,8 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
            const py::object& offsets, const py::object& w, const py::object& eta, const py::object& delta,
            double grad_scale, const py::object& loss, const py::object& grad, const py::object& grad_eta,
            uintptr_t stream, const py::object& position, bool staged,
-           const py::object& schedule, int64_t block_min, int staged_threads) {
+           const py::object& schedule, int64_t block_min, int staged_threads,
+           const py::object& loss_total, const py::object& grad_eta_total) {
   if (block_min < -1)
     throw py::value_error("block_min: expected -1 (the default) or a segment size >= 0");
   if (staged_threads != 0 && staged_threads != 256 && staged_threads != 512)
@@ -44,6 +45,16 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
   a.cuda_staging = staged ? 1 : 0;
   a.cuda_block_min = block_min;
   a.cuda_staged_threads = staged_threads;
+  const DType acc = a.z_dtype == DType::kF64 ? DType::kF64 : DType::kF32;
+  const char* acc_name = a.z_dtype == DType::kF64 ? "float64" : "float32";
+  if (!loss_total.is_none())
+    a.loss_total = detail::arg(loss_total, "loss_total", zv, false, acc, acc_name, {}).data;
+  if (!grad_eta_total.is_none()) {
+    if (!a.grad_eta)
+      throw py::value_error("grad_eta_total: given without grad_eta (it sums its rows)");
+    a.grad_eta_total =
+        detail::arg(grad_eta_total, "grad_eta_total", zv, false, acc, acc_name, {a.m}).data;
+  }
   if (!schedule.is_none())
     a.schedule = detail::arg(schedule, "schedule", zv, false, DType::kI32, "int32", {a.m})
                      .ptr<const int32_t>();
@@ -63,7 +74,8 @@ void register_cuda(py::module_& m) {
         py::arg("loss"), py::arg("grad"), py::arg("grad_eta"), py::arg("stream"),
         py::arg("position") = py::none(), py::arg("staged") = true,
         py::arg("schedule") = py::none(), py::arg("block_min") = -1,
-        py::arg("staged_threads") = 0,
+        py::arg("staged_threads") = 0, py::arg("loss_total") = py::none(),
+        py::arg("grad_eta_total") = py::none(),
         "Fused SHL loss rows and gradients on CUDA (contract: csrc/shl_args.h); tensors as DLPack "
         "capsules, stream the cudaStream_t as an int; enqueued on that stream, not synchronised. "
         "position (int32 [C], the inverse of order) lets rows that fit shared memory be staged "
@@ -71,7 +83,9 @@ void register_cuda(py::module_& m) {
         "segment ids) is the order the segments are taken: largest first balances the warps, and the "
         "leading segments of at least block_min labels (-1: twice the block's threads) are each "
         "done by the whole block. staged_threads: threads per block of the staged kernel (0: 512, "
-        "or 256, which fits three rows per SM where they fit shared memory).");
+        "or 256, which fits three rows per SM where they fit shared memory). loss_total (0-dim) and "
+        "grad_eta_total ([m]), optional, receive the sums over rows of loss and grad_eta, by a "
+        "second launch (deterministic), so that a reduced loss needs no torch op after it.");
   m.def(
       "cuda_staged_occupancy",
       [](const std::string& dtype, int64_t C) -> py::tuple {

@@ -31,7 +31,9 @@ class FusedKernel(Protocol):
         partial sums of them), grad [B, C] (z dtype, times grad_scale),
         grad_eta_rows [B, m] (acc dtype, times grad_scale) or None when not needed.
         grad_out: where to write grad (z itself for in-place; must then be safe to alias z);
-        None = allocate. Every output element must be written (callers may pass torch.empty)."""
+        None = allocate. Every output element must be written (callers may pass torch.empty).
+        A kernel whose `reduces` attribute is true also takes reduce=True and then returns the
+        loss summed over rows (0-dim) and grad_eta summed over rows ([m]) instead."""
         ...
 
 
@@ -81,8 +83,11 @@ class FusedSHL(torch.autograd.Function):
         B = z.shape[0]
         scale = 1.0 / B if (reduction == "mean" and B > 0) else 1.0
         need_eta = eta is not None and ctx.needs_input_grad[7]
+        # Kernels that can reduce on the device do, for "mean"/"sum": no torch op follows.
+        kw = {"reduce": True} if reduction != "none" and getattr(kernel, "reduces", False) \
+            else {}
         loss_rows, grad, grad_eta = kernel(z, pos, ign, order, offsets, w, eta, delta, scale,
-                                           need_eta, z if inplace else None)
+                                           need_eta, z if inplace else None, **kw)
         if inplace:
             # z now holds the gradient: make autograd raise if anything saved z for backward.
             torch.autograd.graph.increment_version(z)
@@ -92,13 +97,14 @@ class FusedSHL(torch.autograd.Function):
         ctx.reduction = reduction
         if not inplace:  # a second backward (retain_graph, gradcheck) recomputes the buffer
             ctx.recompute = Recompute(lambda z, pos, ign: kernel(
-                z, pos, ign, order, offsets, w, eta, delta, scale, need_eta)[1:], z, pos, ign)
+                z, pos, ign, order, offsets, w, eta, delta, scale, need_eta, **kw)[1:],
+                z, pos, ign)
         ctx.delta_dtype = None if delta is None else delta.dtype
         if reduction == "none":  # scale 1: the row losses
             return loss_rows if loss_rows.dim() == 1 else loss_rows.sum(1)
         # Rows already carry 1/B for "mean": one op (a launch on GPUs, where a small batch's
-        # step is launch-bound), in the accumulation dtype.
-        return loss_rows.sum()
+        # step is launch-bound), in the accumulation dtype; none when the kernel reduced.
+        return loss_rows if loss_rows.dim() == 0 else loss_rows.sum()
 
     @staticmethod
     @once_differentiable
@@ -108,8 +114,8 @@ class FusedSHL(torch.autograd.Function):
         if grad_eta is not None:
             if g is None:
                 geta = (grad_eta * go.to(grad_eta.dtype).unsqueeze(1)).sum(0)
-            else:
-                geta = grad_eta.sum(0)
+            else:  # already summed over rows when the kernel reduced
+                geta = grad_eta if grad_eta.dim() == 1 else grad_eta.sum(0)
                 if isinstance(g, torch.Tensor) or g != 1.0:
                     geta.mul_(g)
         gdelta = None

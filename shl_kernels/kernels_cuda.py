@@ -80,21 +80,37 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                    order: torch.Tensor | None, offsets: torch.Tensor, w: torch.Tensor | None,
                    eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
                    need_grad_eta: bool, grad_out: torch.Tensor | None = None, *,
-                   staged: bool | None = None, block_min: int | None = None,
-                   staged_threads: int | None = None,
+                   reduce: bool = False, staged: bool | None = None,
+                   block_min: int | None = None, staged_threads: int | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """FusedKernel on CUDA tensors (see fused.FusedKernel); runs on z's current stream.
-    staged: stage rows in shared memory when they fit (default `STAGED`); block_min: the
-    smallest segment a whole block takes (default `BLOCK_MIN`); staged_threads: 512 or 256
-    threads per staged block (default `STAGED_THREADS`, 0 = 512)."""
+    reduce: return the loss summed over rows (0-dim) and grad_eta summed over rows ([m]),
+    reduced on the device in the same call (fused.FusedSHL asks for it: no torch op then
+    follows the kernel). staged: stage rows in shared memory when they fit (default
+    `STAGED`); block_min: the smallest segment a whole block takes (default `BLOCK_MIN`);
+    staged_threads: 512 or 256 threads per staged block (default `STAGED_THREADS`, 0 = 512)."""
     staged = STAGED if staged is None else staged
     block_min = BLOCK_MIN if block_min is None else block_min
     staged_threads = STAGED_THREADS if staged_threads is None else staged_threads
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
+    total = geta_total = None
+    if reduce:
+        total = torch.zeros((), dtype=loss.dtype, device=z.device) if z.shape[0] == 0 else \
+            torch.empty((), dtype=loss.dtype, device=z.device)
+        if grad_eta is not None:
+            geta_total = torch.empty(grad_eta.shape[1], dtype=loss.dtype, device=z.device)
+            if z.shape[0] == 0:
+                geta_total.zero_()
     position = segment_position(order) if staged and order is not None else None
     c = capsule
     native().shl_fused_cuda(
         c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
         c(loss), c(grad), c(grad_eta), stream_handle(z.device),
-        c(position), staged, c(segment_schedule(offsets)), block_min, staged_threads)
+        c(position), staged, c(segment_schedule(offsets)), block_min, staged_threads,
+        c(total), c(geta_total))
+    if reduce:
+        return total, grad, geta_total
     return loss, grad, grad_eta
+
+
+shl_fused_cuda.reduces = True  # accepts reduce=True (see fused.FusedSHL)

@@ -62,7 +62,7 @@ def lib(tmp_path_factory):
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     so.shl_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, p, p,
                                       ctypes.c_double, p, p, p, p, ctypes.c_int, p, i64,
-                                      ctypes.c_int]
+                                      ctypes.c_int, p, p]
     d = ctypes.c_double
     so.elementwise_emulated_fused.restype = ctypes.c_char_p
     so.elementwise_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, p, ctypes.c_int,
@@ -75,11 +75,14 @@ def _ptr(t: torch.Tensor | None):
 
 
 def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, need_grad_eta,
-                    grad_out=None, *, staged=True, block_min=-1, staged_threads=0):
+                    grad_out=None, *, reduce=False, staged=True, block_min=-1, staged_threads=0):
     """fused.FusedKernel over the emulated CUDA kernel (CPU tensors standing in for device
     memory); the same extra arguments as kernels_cuda.shl_fused_cuda."""
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
-    for t in (loss, grad_eta):  # poisoned: every element must be written
+    total = torch.empty((), dtype=loss.dtype) if reduce else None
+    geta_total = (torch.empty(grad_eta.shape[1], dtype=loss.dtype)
+                  if reduce and grad_eta is not None else None)
+    for t in (loss, grad_eta, total, geta_total):  # poisoned: every element must be written
         if t is not None:
             t.fill_(float("nan"))
     if grad_out is None:
@@ -89,17 +92,30 @@ def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, 
         _ptr(z), _DTYPE_ENUM[z.dtype], z.shape[0], z.shape[1], offsets.numel() - 1, _ptr(pos),
         _ptr(ign), _ptr(order), _ptr(offsets), _ptr(w), _ptr(eta), _ptr(delta),
         float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position), int(staged),
-        _ptr(segment_schedule(offsets)), block_min, staged_threads)
+        _ptr(segment_schedule(offsets)), block_min, staged_threads, _ptr(total), _ptr(geta_total))
     if err:
         raise RuntimeError(err.decode())
-    return loss, grad, grad_eta
+    return (total, grad, geta_total) if reduce else (loss, grad, grad_eta)
+
+
+class _Reducing:
+    """The emulated kernel as FusedSHL sees kernels_cuda.shl_fused_cuda: it reduces on the
+    device for "mean"/"sum" (the row-sums launch)."""
+
+    reduces = True
+
+    def __init__(self, so, **kw):
+        self.so, self.kw = so, kw
+
+    def __call__(self, *args, **kw):
+        return emulated_kernel(self.so, *args, **self.kw, **kw)
 
 
 def _fused(so, p, reduction="mean", *, order=True, inplace=False, **kw):
     """Loss and (z, eta, delta) gradients through FusedSHL with the emulated kernel."""
     z = p.z.clone().requires_grad_()
     eta, delta = p.eta.clone().requires_grad_(), p.delta.clone().requires_grad_()
-    kernel = functools.partial(emulated_kernel, so, **kw)
+    kernel = _Reducing(so, **kw)
     zin = z * 1.0 if inplace else z  # in place needs a non-leaf to overwrite
     loss = FusedSHL.apply(kernel, zin, p.pos.to(torch.uint8), p.ign.to(torch.uint8),
                           p.seg.order if order else None, p.seg.offsets, p.w, eta, delta,
@@ -270,3 +286,21 @@ def test_huge_logits(lib, kernel):
     p = _problem(SIZES + [1500], 4, torch.float32, seed=13, scale=60.0)
     _assert_matches(_fused(lib, p, "none", **KERNELS[kernel]), _reference(p, "none"),
                     torch.float32, p.seg)
+
+
+@pytest.mark.parametrize("B", [3, 257])
+def test_row_sums_on_the_device(lib, B):
+    """reduce=True: the loss and eta gradient summed over rows by the second launch (blocks
+    of 256 threads: 257 rows take two rounds) equal the sums of the rows. (Unstaged, tiny
+    rows: the emulator pays for every barrier of every block.)"""
+    p = _problem([2, 1, 3], B, torch.float64, seed=14)
+    args = (p.z, p.pos.to(torch.uint8), p.ign.to(torch.uint8), p.seg.order, p.seg.offsets, p.w,
+            p.eta, p.delta, 1.0 / B, True)
+    rows, grad, geta_rows = emulated_kernel(lib, *args, staged=False)
+    total, grad2, geta = emulated_kernel(lib, *args, reduce=True, staged=False)
+    assert total.dim() == 0 and geta.shape == (3,)
+    torch.testing.assert_close(total, rows.sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(geta, geta_rows.sum(0), rtol=1e-12, atol=1e-15)
+    assert torch.equal(grad, grad2)
+    no_eta = emulated_kernel(lib, *args[:-1], False, reduce=True, staged=False)
+    assert no_eta[2] is None and torch.equal(no_eta[0], total)

@@ -143,6 +143,18 @@ def test_binding_checks_block_min_and_staged_threads():
 
 
 @needs_build
+def test_binding_checks_row_sum_outputs():
+    with pytest.raises(ValueError, match="^loss_total: "):
+        _call_binding(_binding_args(loss_total=torch.empty(1)))  # must be 0-dim
+    with pytest.raises(TypeError, match="^loss_total: "):
+        _call_binding(_binding_args(loss_total=torch.empty((), dtype=torch.float64)))
+    with pytest.raises(ValueError, match="^grad_eta_total: "):
+        _call_binding(_binding_args(grad_eta_total=torch.empty(3)))  # m = 2
+    with pytest.raises(ValueError, match="^grad_eta_total: given without grad_eta"):
+        _call_binding(_binding_args(grad_eta=None, grad_eta_total=torch.empty(2)))
+
+
+@needs_build
 def test_binding_rejects_position_without_order():
     with pytest.raises(ValueError, match="^position: given without order"):
         _call_binding(_binding_args(order=None, position=torch.arange(5, dtype=torch.int32)))

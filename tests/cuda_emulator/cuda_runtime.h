@@ -208,26 +208,31 @@ inline unsigned char* dynamic_smem() {
   return reinterpret_cast<unsigned char*>((p + 15) / 16 * 16);
 }
 
-// kernel<<<grid, block, smem>>>(args...): blocks one after another, each with `block`
-// std::threads sharing a fresh (poisoned) dynamic shared memory.
+// kernel<<<grid, block, smem>>>(args...): blocks one after another, run by the same `block`
+// std::threads (created once per launch), each block with freshly poisoned dynamic shared
+// memory.
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem,
                    cudaStream_t, Args&&... args) {
-  for (unsigned b = 0; b < grid; ++b) {
-    Block blk(block, smem);
-    std::vector<std::thread> threads;
-    threads.reserve(block);
-    for (unsigned t = 0; t < block; ++t)
-      threads.emplace_back([&, t] {
-        threadIdx = make_uint3(t, 0, 0);
+  Block blk(block, smem);
+  Barrier between(static_cast<int>(block));
+  std::vector<std::thread> threads;
+  threads.reserve(block);
+  for (unsigned t = 0; t < block; ++t)
+    threads.emplace_back([&, t] {
+      tl_block = &blk;
+      threadIdx = make_uint3(t, 0, 0);
+      blockDim = dim3(block, 1, 1);
+      gridDim = dim3(grid, 1, 1);
+      for (unsigned b = 0; b < grid; ++b) {
         blockIdx = make_uint3(b, 0, 0);
-        blockDim = dim3(block, 1, 1);
-        gridDim = dim3(grid, 1, 1);
-        tl_block = &blk;
         kernel(args...);
-      });
-    for (auto& th : threads) th.join();
-  }
+        between.wait("the end of a block");  // every thread done with this block
+        if (t == 0) std::memset(blk.smem.get(), 0xA5, smem + 16);
+        between.wait("the end of a block");
+      }
+    });
+  for (auto& th : threads) th.join();
 }
 
 }  // namespace shl_emu
