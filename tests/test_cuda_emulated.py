@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cuda_kernel import DTYPES, SIZES, _acc, _assert_matches, _problem, _reference
+from test_cuda_kernel import (
+    DTYPES,
+    SIZES,
+    _acc,
+    _assert_matches,
+    _problem,
+    _reference,
+    block_wide_problem,
+)
 
 from shl_kernels.fused import FusedSHL, kernel_outputs
 from shl_kernels.kernels_cuda import segment_position, segment_schedule
@@ -153,17 +161,9 @@ def test_identity_order_and_16_byte_staging(lib, staged):
 @pytest.mark.parametrize("block_min", [-1, 0, 1 << 40], ids=["default", "all", "none"])
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_block_wide_segments(lib, kernel, block_min):
-    """As test_cuda_kernel.test_block_wide_segments: segments of 3000, 1100 and 700 labels
-    with no, one, several, an ignored and all positives; block_min moves every segment to
-    the whole block (0) or none (2^40)."""
-    p = _problem([3000, 1100, 700, 40, 1, 9], 7, torch.float32, seed=5, pos_p=0.0, ign_p=0.02)
-    big, mid, third = p.seg.order[:3000], p.seg.order[3000:4100], p.seg.order[4100:4800]
-    p.pos[:] = False
-    chosen = {1: big[[17]], 2: big[[5, 2500, 2999]], 3: torch.stack([big[0], mid[1099]]),
-              4: big[[100]], 5: third[[350]], 6: big}
-    for row, labels in chosen.items():
-        p.pos[row, labels] = True
-        p.ign[row, labels] = row == 4
+    """test_cuda_kernel.block_wide_problem; block_min moves every segment to the whole block
+    (0) or none (2^40)."""
+    p = block_wide_problem(torch.float32)
     _assert_matches(_fused(lib, p, "none", block_min=block_min, **KERNELS[kernel]),
                     _reference(p, "none"), torch.float32, p.seg)
 

@@ -320,6 +320,23 @@ def _assert_matches(got, ref, dtype, seg):
 
 
 SIZES = [1, 3, 17, 40, 1, 2, 16, 33, 5, 100, 1]  # odd sizes, singletons, both paths
+
+
+def block_wide_problem(dtype):
+    """Segments of 3000, 1100 and 700 labels and small ones, 8 rows: no positive (row 0),
+    one (found in pass 1), several (pass 2), one in each of two big segments, an ignored
+    positive (its segment has none left), every label of the big segment positive, random
+    positives (row 7). The 700-label segment is block-wide in blocks of 256 threads only."""
+    p = _problem([3000, 1100, 700, 40, 1, 9], 8, dtype, seed=5, pos_p=0.0, ign_p=0.02)
+    big, mid, third = p.seg.order[:3000], p.seg.order[3000:4100], p.seg.order[4100:4800]
+    p.pos[:] = False
+    chosen = {1: big[[17]], 2: big[[5, 2500, 2999]], 3: torch.stack([big[0], mid[1099]]),
+              4: big[[100]], 5: third[[350]], 6: big}
+    for row, labels in chosen.items():
+        p.pos[row, labels] = True
+        p.ign[row, labels] = row == 4  # row 4: the only positive is ignored
+    p.pos[7] = torch.rand(p.pos.shape[1], generator=torch.Generator().manual_seed(6)) < 0.01
+    return p
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -346,18 +363,8 @@ def test_large_segments(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_block_wide_segments(dtype):
     """Segments of at least 2 x the block's threads go to the whole block (staged: 1024
-    labels, unstaged: 512): no, one (found in pass 1) and several positives (pass 2), an
-    ignored positive, every label positive; the 700-label segment is block-wide unstaged
-    and a warp's when staged."""
-    p = _problem([3000, 1100, 700, 40, 1, 9], 8, dtype, seed=5, pos_p=0.0, ign_p=0.02)
-    big, mid, third = p.seg.order[:3000], p.seg.order[3000:4100], p.seg.order[4100:4800]
-    p.pos[:] = False
-    chosen = {1: big[[17]], 2: big[[5, 2500, 2999]], 3: torch.stack([big[0], mid[1099]]),
-              4: big[[100]], 5: third[[350]], 6: big}
-    for row, labels in chosen.items():
-        p.pos[row, labels] = True
-        p.ign[row, labels] = row == 4  # row 4: the only positive is ignored
-    p.pos[7] = torch.rand(p.pos.shape[1], generator=torch.Generator().manual_seed(6)) < 0.01
+    labels, unstaged: 512): see block_wide_problem."""
+    p = block_wide_problem(dtype)
     got, _ = _fused(p, "none")
     _assert_matches(got, _reference(p, "none"), dtype, p.seg)
 
