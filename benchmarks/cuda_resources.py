@@ -24,7 +24,7 @@ _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 @dataclass
 class Kernel:
-    name: str  # e.g. "shl_staged_kernel<V=8, bf16>"
+    name: str  # e.g. "shl_staged_kernel<V=8, 512 threads, flat, bf16>"
     registers: int
     spill_stores: int
     spill_loads: int
@@ -36,13 +36,14 @@ _KINDS = {"0": "bce", "1": "focal", "2": "asl"}  # csrc/elementwise.h ElemKind
 
 
 def _pretty(mangled: str) -> str:
-    """shl_staged_kernel<V=8, bf16>, elementwise_kernel<bf16, asl, 256> from a mangled name."""
-    if m := re.search(r"(shl_(?:staged|fused)_kernel)I(?:Li(\d+)E)?(?:Li(\d+)E)?(.*?)EEvNS",
-                      mangled):
-        kernel, vec, threads, rest = m.groups()
+    """shl_staged_kernel<V=8, 512 threads, flat, bf16>, elementwise_kernel<bf16, asl, 256> from a mangled name."""
+    if m := re.search(r"(shl_(?:staged|fused)_kernel)I(?:Li(\d+)E)?(?:Li(\d+)E)?(?:Lb(\d)E)?"
+                      r"(.*?)EEvNS", mangled):
+        kernel, vec, threads, flat, rest = m.groups()
         dtype = next((v for k, v in _DTYPES.items() if rest.startswith(k)), rest)
+        schedule = {"1": "flat, ", "0": "groups, "}.get(flat, "")
         return (f"{kernel}<{'V=' + vec + ', ' if vec else ''}"
-                f"{threads + ' threads, ' if threads else ''}{dtype}>")
+                f"{threads + ' threads, ' if threads else ''}{schedule}{dtype}>")
     if m := re.search(r"(elementwise_kernel)ILNS_5DTypeE(\d)ELNS_8ElemKindE(\d)ELi(\d+)E",
                       mangled):
         kernel, dtype, kind, block = m.groups()
@@ -92,14 +93,14 @@ def main() -> None:
     p.add_argument("--C", type=int, default=32768, help="labels per row for the occupancy column")
     args = p.parse_args()
     print(f"sm_{args.arch}; blocks/SM of the staged kernel for rows of C={args.C} labels")
-    print(f"{'kernel':<46} {'regs':>4} {'spill st/ld':>11} {'smem':>5} {'blocks/SM':>9}")
+    print(f"{'kernel':<52} {'regs':>4} {'spill st/ld':>11} {'smem':>5} {'blocks/SM':>9}")
     for source in sorted((ROOT / "csrc").glob("*.cu")):
         for k in ptxas_report(source, args.arch):
             occ = ""
             if k.name.startswith("shl_staged_kernel"):
                 blocks, dyn = staged_blocks_per_sm(k, args.C)
                 occ = f"{blocks} ({dyn // 1024} KB)"
-            print(f"{k.name:<46} {k.registers:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} "
+            print(f"{k.name:<52} {k.registers:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} "
                   f"{k.static_smem:>5} {occ:>9}")
 
 

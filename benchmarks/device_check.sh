@@ -98,12 +98,13 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
   -k "${KERNEL_TESTS_K:-cuda or triton}" tests/test_cuda_kernel.py tests/test_triton_kernel.py \
   tests/test_elementwise_kernels.py
 
-# Kernel-only time and bandwidth of every SHL kernel (CUDA staged / unstaged, Triton), in
-# shuffled and in segment order, against the copy bandwidth; the staged kernel also with
-# block-wide segments off / from 512 / from 2048 labels (default 1024).
-# (It measures the device copy bandwidth first.) Then where the host time of a B=16 step
-# goes (torch.profiler), in the same log.
-TAIL=30 step kernel_bw 150 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,512,2048 && \
+# Kernel-only time and bandwidth of every SHL kernel (CUDA staged with the flat schedule at
+# 512 and 256 threads, with the group schedule (block-wide segments from 1024 labels, the
+# default; off; from 2048), unstaged; Triton), in shuffled and in segment order, against the
+# copy bandwidth, at 100 and 1000 segments and at B=16. (It measures the device copy
+# bandwidth first.) Then where the host time of a B=16 step goes, in the same log.
+TAIL=50 step kernel_bw 170 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,2048 \
+  --shape 4096,32768,100 --shape 4096,32768,1000 --shape 16,8192,64 && \
   $PY benchmarks/profile_step.py --steps 30"
 
 # Nsight Compute on one launch of the staged CUDA kernel (4096 x 32768, bf16, shuffled

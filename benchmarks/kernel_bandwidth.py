@@ -2,8 +2,8 @@
 
 Bytes counted: z read, targets (uint8) read, gradient written, once each: the least any
 fused kernel must move. Compared with a device-to-device copy measured in the same run.
-Variants: CUDA staged (rows in shared memory; --block-mins adds ones with other thresholds
-for block-wide segments) and unstaged, Triton; each on logits in the original (shuffled)
+Variants: CUDA staged (rows in shared memory; flat schedule, or the group schedule where
+--block-mins adds ones with other thresholds for block-wide segments) and unstaged, Triton; each on logits in the original (shuffled)
 label order and in segment order (`Segmentation.reorder_head`). Times are GPU time of calls
 queued back to back (see cuda_ms), so small shapes show the kernel, not the launch rate.
 Usage: python benchmarks/kernel_bandwidth.py [--shape B,C,m] [--dtype bfloat16]
@@ -52,17 +52,19 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
 
 
 def kernels(block_mins: list[int]) -> dict[str, Callable]:
-    """Kernel variants by name; "cuda staged/256t" runs blocks of 256 threads (three rows per
-    SM), "cuda staged/B" takes segments of >= B labels block-wide ("off": never): for
-    choosing these on the device."""
+    """Kernel variants by name: "cuda staged" (flat schedule), "cuda staged/256t" (blocks of
+    256 threads: three rows per SM), "cuda groups" (the group schedule), "cuda groups/B"
+    (segments of >= B labels block-wide; "off": never): for choosing these on the device."""
     out = {}
     if why_unavailable("cuda") is None:
         from shl_kernels.kernels_cuda import shl_fused_cuda
-        out["cuda staged"] = partial(shl_fused_cuda, staged=True)
-        out["cuda staged/256t"] = partial(shl_fused_cuda, staged=True, staged_threads=256)
+        out["cuda staged"] = partial(shl_fused_cuda, staged=True, flat=True)
+        out["cuda staged/256t"] = partial(shl_fused_cuda, staged=True, flat=True,
+                                          staged_threads=256)
+        out["cuda groups"] = partial(shl_fused_cuda, staged=True, flat=False)
         for b in block_mins:
-            out[f"cuda staged/{'off' if b >= 1 << 40 else b}"] = partial(
-                shl_fused_cuda, staged=True, block_min=b)
+            out[f"cuda groups/{'off' if b >= 1 << 40 else b}"] = partial(
+                shl_fused_cuda, staged=True, flat=False, block_min=b)
         out["cuda unstaged"] = partial(shl_fused_cuda, staged=False)
     if why_unavailable("triton") is None:
         from shl_kernels.triton_shl import shl_fused_triton

@@ -40,6 +40,11 @@ struct ShlArgs {
   int64_t cuda_block_min = -1;
   // CUDA only: threads per block of the staged kernel, 512 (0 = default) or 256.
   int cuda_staged_threads = 0;
+  // CUDA only: how a staged row's segments are spread over the block's threads: 1 (default)
+  // the flat schedule (equal shares of positions, a segmented scan joins the segments that
+  // cross shares), 0 the group schedule (block, warps and lanes take whole segments; uses
+  // schedule and cuda_block_min). Never changes results beyond rounding.
+  int cuda_flat = 1;
   // CUDA only, optional: the reductions a "mean"/"sum" loss needs, by a second launch on the
   // same stream (deterministic, fixed order), so that no torch op follows the kernel:
   // loss_total (0-dim acc) = sum of loss over rows; grad_eta_total ([m] acc, needs

@@ -276,75 +276,90 @@ struct BlockGroup {
   }
 };
 
-// Segment k of `row`, handled by group g. Writes the segment's gradients and grad_eta;
-// returns its loss (the same in every thread of the group).
-template <class Group, class T, class A, class Row>
-__device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename Row::Index k,
-                     const Group& g) {
-  using I = typename Row::Index;
-  constexpr int G = Group::kSize;
-  // The block's loops stay rolled (each thread has few elements of a segment there); the
-  // lanes' and warps' loops are unrolled for more loads in flight.
-  constexpr int kUnrollPasses = G > 32 ? 1 : 4;
-  const I s0 = static_cast<I>(P.offsets[k]), s1 = static_cast<I>(P.offsets[k + 1]);
-  const A eta = P.eta ? P.eta[k] : A(0);
+// Pass-1 statistics of some of a segment's labels: M, the max of eta and the non-ignored u's
+// (floored at the lowest finite value, so that exp(-inf - M) is an exact 0 even when eta and
+// every u are -inf: staged rows hold -inf for ignored labels and positives); s, the sum of
+// exp(u - M) over the negatives; the number of positives and the position of the last one
+// seen (`pos`, meaningful when npos > 0).
+template <class A>
+__device__ __forceinline__ A lowest();
+template <> __device__ __forceinline__ float lowest<float>() { return -3.402823466e38f; }
+template <> __device__ __forceinline__ double lowest<double>() { return -1.7976931348623157e308; }
 
-  // Pass 1: max over eta and non-ignored u's; s = sum over negatives of exp(u - M); the
-  // number of positives, and where this thread saw its last one.
-  A M = eta, s = 0;
-  int npos = 0;
-  I last_pos = 0;
-#pragma unroll kUnrollPasses
-  for (I p = s0 + g.rank(); p < s1; p += G) {
+template <class A, class I>
+struct Part {
+  A M, s;
+  int npos;
+  I pos;
+  static __device__ __forceinline__ Part start(A eta) { return {nan_max(eta, lowest<A>()), A(0), 0, I(0)}; }
+};
+
+// Pass 1 over positions p0 + first, p0 + first + stride, ... below p1, into x.
+template <int kUnroll, class A, class Row, class I>
+__device__ __forceinline__ void accumulate(const Row& R, I p0, I p1, int first, int stride,
+                                           Part<A, I>& x) {
+#pragma unroll kUnroll
+  for (I p = p0 + first; p < p1; p += stride) {
     const Elem e = R.get(p);
     if (e.ign) continue;
     const A u = R.u(p, e);
-    const A Mn = nan_max(M, u);
-    if (!(Mn == M)) {
-      s *= exp_(M - Mn);
-      M = Mn;
+    const A Mn = nan_max(x.M, u);
+    if (!(Mn == x.M)) {
+      x.s *= exp_(x.M - Mn);
+      x.M = Mn;
     }
     if (e.pos) {
-      ++npos;
-      last_pos = p;
+      ++x.npos;
+      x.pos = p;
     } else {
-      s += exp_(u - M);  // u = M = +inf gives NaN, as in the reference
+      x.s += exp_(u - x.M);  // u = M = +inf gives NaN, as in the reference
     }
   }
   // Staged rows' positives (bitmask): in the max, not in the sum.
   if constexpr (Row::kSparse) {
-    R.for_positives(s0, s1, g.rank(), G, [&](int p) {
+    R.for_positives(p0, p1, first, stride, [&](int p) {
       const A u = R.positive_u(p);
-      const A Mn = nan_max(M, u);
-      if (!(Mn == M)) {
-        s *= exp_(M - Mn);
-        M = Mn;
+      const A Mn = nan_max(x.M, u);
+      if (!(Mn == x.M)) {
+        x.s *= exp_(x.M - Mn);
+        x.M = Mn;
       }
-      ++npos;
-      last_pos = p;
+      ++x.npos;
+      x.pos = p;
     });
   }
-  const bool mine = npos > 0;
-  g.max_sum(M, s);
-  npos = g.sum(npos);
-  const A e_eta = exp_(eta - M);
-  const A Aden = e_eta + s;  // A of SPEC 3 (= D of the null event when no positive)
+}
 
-  // Pass 2: loss and S = sum_p w_p / D_p. A single positive (the usual case: segments hold
-  // labels that rarely co-occur) is known from pass 1 and needs no pass; the sums are then
-  // the same as pass 2 would give (its other threads add exact zeros).
+// What the gradient of a segment needs (the same in every thread of its group).
+template <class A>
+struct Closed {
+  A M, Aden, S, loss;  // Aden: A of SPEC 3 (= D of the null event when no positive)
+};
+
+// Segment k (positions [s0, s1)) from its pass-1 statistics x combined over group g (`mine`:
+// this thread saw x.pos): its loss and S = sum_p w_p / D_p, then writes its eta gradient.
+// A single positive (the usual case: segments hold labels that rarely co-occur) is known from
+// pass 1; several take pass 2 over the segment by g (its other threads add exact zeros).
+template <class Group, class T, class A, class Row, class I>
+__device__ Closed<A> close_segment(const Params<T, A>& P, const Row& R, int64_t row, I k, I s0,
+                                   I s1, A eta, Part<A, I> x, bool mine, const Group& g) {
+  constexpr int G = Group::kSize;
+  constexpr int kUnrollPasses = G > 32 ? 1 : 4;
+  const A M = x.M;
+  const A e_eta = exp_(eta - M);
+  const A Aden = e_eta + x.s;
   A loss, S;
-  if (npos == 1) {
+  if (x.npos == 1) {
     // Its owner reads it (no other thread may: in place, the owner's pass 3 may already be
     // writing over it) and hands it to the group.
-    I p = last_pos;
+    I p = x.pos;
     A u = mine ? R.positive_u(p) : A(0);
     g.only_positive(mine, p, u);
     const A wp = R.weight(p, R.get(p));  // weights, flags, order: read-only inputs
     const A D = Aden + exp_(u - M);
     loss = wp * (log_(D) + M - u);
     S = wp / D;
-  } else if (npos > 1) {
+  } else if (x.npos > 1) {
     loss = 0;
     S = 0;
     if constexpr (Row::kSparse) {
@@ -371,31 +386,59 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
     loss = log_(Aden) + M - eta;
     S = A(1) / Aden;
   }
+  if (P.grad_eta && g.leader())  // exp(eta) S, minus 1 for the null event
+    P.grad_eta[row * P.m + k] = (e_eta * S - (x.npos ? A(0) : A(1))) * P.scale;
+  return Closed<A>{M, Aden, S, loss};
+}
 
-  // Pass 3: gradients (negatives: exp(u - M) * S; positives: -w_p * A / D_p). Each element
-  // is read before it is written, by the same thread: grad may alias z.
-#pragma unroll kUnrollPasses
-  for (I p = s0 + g.rank(); p < s1; p += G) {
+// Pass 3 over positions p0 + first, p0 + first + stride, ... below p1: the gradients
+// (negatives: exp(u - M) * S; positives: -w_p * A / D_p). Each element is read before it is
+// written, by the same thread: grad may alias z. `sync` orders a group's writes (staged rows
+// write the positives' gradients over the zeros just written there).
+template <int kUnroll, class A, class Row, class I, class Sync>
+__device__ __forceinline__ void write_gradients(const Row& R, I p0, I p1, int first, int stride,
+                                                const Closed<A>& c, Sync&& sync) {
+#pragma unroll kUnroll
+  for (I p = p0 + first; p < p1; p += stride) {
     const Elem e = R.get(p);
     A gr = 0;
     if (!e.ign) {
-      const A u = R.u(p, e), ex = exp_(u - M);
-      gr = e.pos ? -R.weight(p, e) * Aden / (Aden + ex) : ex * S;
+      const A u = R.u(p, e), ex = exp_(u - c.M);
+      gr = e.pos ? -R.weight(p, e) * c.Aden / (c.Aden + ex) : ex * c.S;
       // Staged rows: ignored labels and positives hold -inf: exactly 0 (also when S is NaN)
       if constexpr (Row::kSparse) gr = u == neg_inf<A>() ? A(0) : gr;
     }
     R.put(p, e, gr);
   }
   if constexpr (Row::kSparse) {  // the positives' gradients, over the 0 just written there
-    g.sync();
-    R.for_positives(s0, s1, g.rank(), G, [&](int p) {
-      const A ex = exp_(R.positive_u(p) - M);
-      R.put(p, Elem{}, -R.weight(p, Elem{}) * Aden / (Aden + ex));
+    sync();
+    R.for_positives(p0, p1, first, stride, [&](int p) {
+      const A ex = exp_(R.positive_u(p) - c.M);
+      R.put(p, Elem{}, -R.weight(p, Elem{}) * c.Aden / (c.Aden + ex));
     });
   }
-  if (P.grad_eta && g.leader())  // exp(eta) S, minus 1 for the null event
-    P.grad_eta[row * P.m + k] = (e_eta * S - (npos ? A(0) : A(1))) * P.scale;
-  return loss;
+}
+
+// Segment k of `row`, handled by group g: the three passes (see the top of the file). Writes
+// the segment's gradients and grad_eta; returns its loss (the same in every thread of g).
+template <class Group, class T, class A, class Row>
+__device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename Row::Index k,
+                     const Group& g) {
+  using I = typename Row::Index;
+  constexpr int G = Group::kSize;
+  // The block's loops stay rolled (each thread has few elements of a segment there); the
+  // lanes' and warps' loops are unrolled for more loads in flight.
+  constexpr int kUnrollPasses = G > 32 ? 1 : 4;
+  const I s0 = static_cast<I>(P.offsets[k]), s1 = static_cast<I>(P.offsets[k + 1]);
+  const A eta = P.eta ? P.eta[k] : A(0);
+  auto x = Part<A, I>::start(eta);
+  accumulate<kUnrollPasses>(R, s0, s1, g.rank(), G, x);
+  const bool mine = x.npos > 0;
+  g.max_sum(x.M, x.s);
+  x.npos = g.sum(x.npos);
+  const Closed<A> c = close_segment(P, R, row, k, s0, s1, eta, x, mine, g);
+  write_gradients<kUnrollPasses>(R, s0, s1, g.rank(), G, c, [&] { g.sync(); });
+  return c.loss;
 }
 
 // The row's segments over the block's NT threads. First the segments of at least
@@ -409,6 +452,23 @@ __device__ A segment(const Params<T, A>& P, const Row& R, int64_t row, typename 
 // Writes loss[row] (block-wide sum in a fixed order: deterministic); ends with a
 // __syncthreads, so the row's gradient writes are visible to the whole block.
 constexpr int kBlockFactor = 2;
+
+// loss[row] = the sum of every thread's acc, in a fixed order (deterministic); ends with a
+// __syncthreads (the row's gradient writes are then visible to the whole block).
+template <int NT, class T, class A>
+__device__ __forceinline__ void store_row_loss(const Params<T, A>& P, int64_t row, A acc,
+                                               BlockScratch<NT, A>* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  acc = WarpGroup{lane}.sum(acc);
+  if (lane == 0) scratch->a[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A total = 0;
+    for (int j = 0; j < NT / 32; ++j) total += scratch->a[j];
+    P.loss[row] = total * P.scale;
+  }
+  __syncthreads();  // the scratch is reused by the next row
+}
 
 template <int NT, class T, class A, class Row>
 __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row,
@@ -443,15 +503,184 @@ __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row,
       if (lane == 0) acc += l;
     }
   }
-  acc = WarpGroup{lane}.sum(acc);
-  if (lane == 0) scratch->a[warp] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    A total = 0;
-    for (int j = 0; j < kW; ++j) total += scratch->a[j];
-    P.loss[row] = total * P.scale;
+  store_row_loss<NT>(P, row, acc, scratch);
+}
+
+// The flat schedule of a staged row (the default; ShlArgs::cuda_flat): every thread gets the
+// same share of the row whatever the segments. Thread t owns positions [t Q, (t + 1) Q), Q
+// about C / NT, chosen so that the lanes of a warp, Q elements apart, read 32 different
+// banks of shared memory (an odd stride in 4-byte words; see flat_share). A thread walks its
+// positions piece by piece (a piece: the part of one segment in its range). A segment
+// inside the range is done there, all three passes by that thread (as by a lane in
+// row_loss). The segments that cross a range boundary are combined across threads by one
+// segmented scan of their pass-1 statistics over the block: the thread holding a segment's
+// last position (its closer) merges the scan's value before it with its own piece, closes
+// the segment (loss, S, eta gradient; with several positives, pass 2 over the segment's
+// bitmask words by that thread) and publishes M, A and S; after a barrier the other threads
+// write the gradients of their pieces of it. Against row_loss: no thread waits on another's
+// large segment, and no group reduction per segment (one scan and two barriers per row).
+template <class A>
+struct Carry {  // a value of the segmented scan
+  Part<A, int> x;  // pass-1 statistics of the segment open at the end of the window
+  int reset;       // that segment began inside the window: nothing before it adds to x
+};
+
+template <class A>
+__device__ __forceinline__ Carry<A> no_carry() {
+  return Carry<A>{{neg_inf<A>(), A(0), 0, 0}, 1};
+}
+
+template <class A>
+__device__ __forceinline__ Carry<A> shfl_up(const Carry<A>& c, int d) {
+  Carry<A> o;
+  o.x.M = __shfl_up_sync(kFull, c.x.M, d);
+  o.x.s = __shfl_up_sync(kFull, c.x.s, d);
+  o.x.npos = __shfl_up_sync(kFull, c.x.npos, d);
+  o.x.pos = __shfl_up_sync(kFull, c.x.pos, d);
+  o.reset = __shfl_up_sync(kFull, c.reset, d);
+  return o;
+}
+
+// c = before, then c (the scan's operator): before's statistics continue into c's unless c's
+// segment began after it.
+template <class A>
+__device__ __forceinline__ void follow(Carry<A>& c, const Carry<A>& before) {
+  if (!c.reset) {
+    A M = before.x.M, s = before.x.s;
+    merge(M, s, c.x.M, c.x.s);
+    c.x.M = M;
+    c.x.s = s;
+    if (c.x.npos == 0) c.x.pos = before.x.pos;
+    c.x.npos += before.x.npos;
   }
-  __syncthreads();  // the scratch is reused by the next row
+  c.reset |= before.reset;
+}
+
+template <int NT, class A>
+struct FlatShared {
+  A M[NT], Aden[NT], S[NT];  // the segment closed by thread t (at most one)
+  Carry<A> warp[NT / 32];    // the scan's warp totals, then their inclusive prefixes
+  int any_empty;             // some segment has no label
+};
+
+// Segmented scan over the block's threads in order: the combined value of threads 0..t-1
+// (no_carry for thread 0). Fixed order: deterministic.
+template <int NT, class A>
+__device__ Carry<A> scan_before(Carry<A> c, FlatShared<NT, A>* sh) {
+  constexpr int kW = NT / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int d = 1; d < 32; d <<= 1) {
+    const Carry<A> o = shfl_up(c, d);
+    if (lane >= d) follow(c, o);
+  }
+  if (lane == 31) sh->warp[warp] = c;
+  __syncthreads();
+  if (warp == 0) {  // the warps' totals, scanned by warp 0 (each lane its own slot)
+    Carry<A> t = lane < kW ? sh->warp[lane] : no_carry<A>();
+    for (int d = 1; d < kW; d <<= 1) {
+      const Carry<A> o = shfl_up(t, d);
+      if (lane >= d) follow(t, o);
+    }
+    if (lane < kW) sh->warp[lane] = t;
+  }
+  __syncthreads();
+  if (warp > 0) follow(c, sh->warp[warp - 1]);
+  Carry<A> before = shfl_up(c, 1);
+  if (lane == 0) before = warp > 0 ? sh->warp[warp - 1] : no_carry<A>();
+  return before;
+}
+
+// Positions per thread of the flat schedule for rows of C labels: at least C / NT, with a
+// stride of an odd number of 4-byte words (2-byte types: Q = 2 mod 4; else Q odd).
+template <int NT, class T>
+__device__ __forceinline__ int flat_share(int C) {
+  constexpr int kStep = sizeof(T) >= 4 ? 1 : 4 / int(sizeof(T));
+  int q = ((C + NT - 1) / NT + kStep - 1) / kStep;
+  return (q | 1) * kStep;
+}
+
+// A thread's range [a, b) of the flat schedule and the segment holding position a (first
+// of the segments with a label at or after a), the same for every row.
+struct FlatRange {
+  int a, b, k0;
+};
+
+template <int NT, class T, class A>
+__device__ FlatRange flat_range(const Params<T, A>& P, int Q) {
+  const int C = static_cast<int>(P.C);
+  FlatRange r;
+  r.a = int(threadIdx.x) * Q < C ? int(threadIdx.x) * Q : C;
+  r.b = r.a + Q < C ? r.a + Q : C;
+  int lo = 0, hi = static_cast<int>(P.m) - 1;  // the first k with offsets[k + 1] > a
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (P.offsets[mid + 1] > r.a) hi = mid;
+    else lo = mid + 1;
+  }
+  r.k0 = lo;
+  return r;
+}
+
+template <int NT, class T, class A>
+__device__ void row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, int64_t row,
+                              const FlatRange& r, int Q, FlatShared<NT, A>* sh,
+                              BlockScratch<NT, A>* scratch) {
+  using X = Part<A, int>;
+  A acc = 0;
+  // Pass 1 piece by piece; the segment pieces at either end of the range are kept: `head`
+  // (a segment begun before a, ending in the range: this thread closes it) and `tail` (one
+  // going on past b: its statistics enter the scan).
+  X head = X::start(A(0));
+  int head_k = -1, head_end = r.a;
+  Carry<A> tail = no_carry<A>();
+  int tail_k = -1, tail_start = r.b;
+  int k = r.k0;
+  for (int p = r.a; p < r.b;) {
+    const int s0 = static_cast<int>(P.offsets[k]), s1 = static_cast<int>(P.offsets[k + 1]);
+    const int e = s1 < r.b ? s1 : r.b;
+    const A eta = P.eta ? P.eta[k] : A(0);
+    X x = X::start(eta);
+    accumulate<4>(R, p, e, 0, 1, x);
+    const bool left = p > s0, right = e < s1;
+    if (!left && !right) {  // the whole segment is here
+      const Closed<A> c = close_segment(P, R, row, k, s0, s1, eta, x, true, LaneGroup{});
+      write_gradients<4>(R, s0, s1, 0, 1, c, [] {});
+      acc += c.loss;
+    } else if (!right) {
+      head = x, head_k = k, head_end = e;
+    } else {
+      tail = Carry<A>{x, left ? 0 : 1}, tail_k = k, tail_start = p;
+    }
+    p = e;
+    if (p < r.b) do ++k; while (P.offsets[k + 1] <= p);  // skips empty segments
+  }
+  const Carry<A> before = scan_before<NT>(tail, sh);
+  if (head_k >= 0) {  // close the segment begun before a
+    Carry<A> h{head, 0};
+    follow(h, before);
+    const int s0 = static_cast<int>(P.offsets[head_k]);
+    const int s1 = static_cast<int>(P.offsets[head_k + 1]);
+    const A eta = P.eta ? P.eta[head_k] : A(0);
+    const Closed<A> c = close_segment(P, R, row, head_k, s0, s1, eta, h.x, true, LaneGroup{});
+    sh->M[threadIdx.x] = c.M, sh->Aden[threadIdx.x] = c.Aden, sh->S[threadIdx.x] = c.S;
+    write_gradients<4>(R, r.a, head_end, 0, 1, c, [] {});
+    acc += c.loss;
+  }
+  __syncthreads();
+  if (tail_k >= 0) {  // its closer holds the segment's last position
+    const int t = (static_cast<int>(P.offsets[tail_k + 1]) - 1) / Q;
+    const Closed<A> c{sh->M[t], sh->Aden[t], sh->S[t], A(0)};
+    write_gradients<4>(R, tail_start, r.b, 0, 1, c, [] {});
+  }
+  if (sh->any_empty) {  // segments without labels: the null event alone
+    for (int j = threadIdx.x; j < P.m; j += NT) {
+      const int s0 = static_cast<int>(P.offsets[j]);
+      if (P.offsets[j + 1] != s0) continue;
+      const A eta = P.eta ? P.eta[j] : A(0);
+      acc += close_segment(P, R, row, j, s0, s0, eta, X::start(eta), false, LaneGroup{}).loss;
+    }
+  }
+  store_row_loss<NT>(P, row, acc, scratch);
 }
 
 // Unstaged: one block per row (grid-stride), positions gathered from global memory. The
@@ -603,22 +832,34 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base,
   }
 }
 
-template <int V, int NT, class T, class A>
+template <int V, int NT, bool Flat, class T, class A>
 __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
     shl_staged_kernel(const Params<T, A> P) {
   unsigned char* smem = dynamic_smem();
   __shared__ BlockScratch<NT, A> scratch;
+  __shared__ FlatShared<NT, A> flat;  // (unused by the group schedule: a few KB)
   T* zs = reinterpret_cast<T*>(smem);
   uint32_t* pos_bits = reinterpret_cast<uint32_t*>(smem + staged_z_bytes<T>(P.C));
   const int C = static_cast<int>(P.C);
   clear_bits<NT>(pos_bits, C);
+  FlatRange range{};
+  const int Q = flat_share<NT, T>(C);
+  if constexpr (Flat) {
+    range = flat_range<NT>(P, Q);
+    if (threadIdx.x == 0) flat.any_empty = 0;
+    __syncthreads();
+    for (int k = threadIdx.x; k < P.m; k += NT)
+      if (P.offsets[k] == P.offsets[k + 1]) flat.any_empty = 1;
+  }
   __syncthreads();
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     const int64_t base = row * P.C;
     stage_row<V, NT>(P, base, C, zs, pos_bits);
     __syncthreads();
-    row_loss<NT>(P, StagedRow<T, A>{P, zs, pos_bits, base}, row, &scratch);
-    // row_loss ended with a barrier: the segments are done with pos_bits, cleared for the
+    const StagedRow<T, A> R{P, zs, pos_bits, base};
+    if constexpr (Flat) row_loss_flat<NT>(P, R, row, range, Q, &flat, &scratch);
+    else row_loss<NT>(P, R, row, &scratch);
+    // The row ended with a barrier: the segments are done with pos_bits, cleared for the
     // next row while the gradient goes out.
     unstage_row<V, NT>(P, base, C, zs);
     clear_bits<NT>(pos_bits, C);
@@ -656,7 +897,9 @@ template <class T, class A>
 int staged_bytes(const ShlArgs& a) {
   if (!a.cuda_staging || (a.order && !a.position) || a.C >= INT_MAX) return 0;
   const int64_t bytes = staged_z_bytes<T>(a.C) + staged_bits_bytes(a.C);
-  const int64_t reserve = 1024;  // the kernel's static shared memory (BlockScratch: <= 384 B)
+  // the kernel's static shared memory (at most this; the 256-thread variant has less)
+  const int64_t reserve =
+      sizeof(BlockScratch<kStagedThreads, A>) + sizeof(FlatShared<kStagedThreads, A>) + 64;
   return bytes + reserve <= smem_optin(current_device()) ? static_cast<int>(bytes) : 0;
 }
 
@@ -664,21 +907,21 @@ inline bool aligned(const void* p, int64_t n) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(n) == 0;  // null is aligned
 }
 
-// Lets shl_staged_kernel<V, T, A> take `bytes` of dynamic shared memory: above 48 KiB a
+// Lets shl_staged_kernel<V, NT, Flat, T, A> take `bytes` of dynamic shared memory: above 48 KiB a
 // kernel must opt in; the carveout hint asks for the largest shared-memory split so that two
 // blocks fit per SM (the driver may otherwise pick a split that fits only one). Done once
 // per device and size (then remembered: the attributes stay set).
-template <int V, int NT, class T, class A>
+template <int V, int NT, bool Flat, class T, class A>
 cudaError_t prepare_staged(int bytes) {
   static PerDevice allowed;  // largest `bytes` prepared so far, per device
   const int dev = current_device();
   if (dev >= 0 && allowed.get(dev) >= bytes) return cudaSuccess;
   if (bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, NT, T, A>,
+    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, T, A>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e != cudaSuccess) return e;
   }
-  if (cudaFuncSetAttribute(shl_staged_kernel<V, NT, T, A>,
+  if (cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, T, A>,
                            cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     cudaGetLastError();  // only a hint
@@ -686,19 +929,22 @@ cudaError_t prepare_staged(int bytes) {
   return cudaSuccess;
 }
 
-template <int V, int NT, class T, class A>
+template <int V, int NT, bool Flat, class T, class A>
 cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
-  const cudaError_t e = prepare_staged<V, NT, T, A>(bytes);
+  const cudaError_t e = prepare_staged<V, NT, Flat, T, A>(bytes);
   if (e != cudaSuccess) return e;
-  launch_kernel(shl_staged_kernel<V, NT, T, A>, blocks, NT, bytes, stream, P);
+  launch_kernel(shl_staged_kernel<V, NT, Flat, T, A>, blocks, NT, bytes, stream, P);
   return cudaSuccess;
 }
 
 template <int V, class T, class A>
 cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, int threads,
-                          cudaStream_t stream) {
-  return threads == 256 ? launch_staged<V, 256>(P, blocks, bytes, stream)
-                        : launch_staged<V, kStagedThreads>(P, blocks, bytes, stream);
+                          bool flat, cudaStream_t stream) {
+  if (threads == 256)
+    return flat ? launch_staged<V, 256, true>(P, blocks, bytes, stream)
+                : launch_staged<V, 256, false>(P, blocks, bytes, stream);
+  return flat ? launch_staged<V, kStagedThreads, true>(P, blocks, bytes, stream)
+              : launch_staged<V, kStagedThreads, false>(P, blocks, bytes, stream);
 }
 
 // Resident blocks per SM of the staged kernel (16-byte variant) for rows of C labels.
@@ -717,10 +963,10 @@ const char* staged_occupancy(int64_t C, int* blocks_per_sm, int* bytes_out) {
   *blocks_per_sm = 0;
   if (!bytes) return nullptr;  // the row does not fit: unstaged kernel
   constexpr int V = 16 / sizeof(T);
-  cudaError_t e = prepare_staged<V, kStagedThreads, T, A>(bytes);
+  cudaError_t e = prepare_staged<V, kStagedThreads, true, T, A>(bytes);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        blocks_per_sm, shl_staged_kernel<V, kStagedThreads, T, A>, kStagedThreads, bytes);
+        blocks_per_sm, shl_staged_kernel<V, kStagedThreads, true, T, A>, kStagedThreads, bytes);
   if (e != cudaSuccess) {
     cudaGetLastError();
     return cudaGetErrorString(e);
@@ -756,8 +1002,9 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
     const bool vec = a.C % V == 0 && aligned(a.z, 16) && aligned(a.grad, 16) &&
                      aligned(a.pos, V) && aligned(a.ign, V) && aligned(a.position, 4 * V);
     const int nt = a.cuda_staged_threads;
-    e = vec ? launch_staged<V>(P, blocks, bytes, nt, stream)
-            : launch_staged<1>(P, blocks, bytes, nt, stream);
+    const bool flat = a.cuda_flat != 0;
+    e = vec ? launch_staged<V>(P, blocks, bytes, nt, flat, stream)
+            : launch_staged<1>(P, blocks, bytes, nt, flat, stream);
   } else {
     launch_kernel(shl_fused_kernel<T, A>, blocks, kThreads, 0, stream, P);
   }

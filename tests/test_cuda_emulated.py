@@ -70,7 +70,7 @@ def lib(tmp_path_factory):
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     so.shl_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, p, p,
                                       ctypes.c_double, p, p, p, p, ctypes.c_int, p, i64,
-                                      ctypes.c_int, p, p]
+                                      ctypes.c_int, ctypes.c_int, p, p]
     d = ctypes.c_double
     so.elementwise_emulated_fused.restype = ctypes.c_char_p
     so.elementwise_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, p, ctypes.c_int,
@@ -83,7 +83,8 @@ def _ptr(t: torch.Tensor | None):
 
 
 def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, need_grad_eta,
-                    grad_out=None, *, reduce=False, staged=True, block_min=-1, staged_threads=0):
+                    grad_out=None, *, reduce=False, staged=True, block_min=-1, staged_threads=0,
+                    flat=True):
     """fused.FusedKernel over the emulated CUDA kernel (CPU tensors standing in for device
     memory); the same extra arguments as kernels_cuda.shl_fused_cuda."""
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
@@ -100,7 +101,8 @@ def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, 
         _ptr(z), _DTYPE_ENUM[z.dtype], z.shape[0], z.shape[1], offsets.numel() - 1, _ptr(pos),
         _ptr(ign), _ptr(order), _ptr(offsets), _ptr(w), _ptr(eta), _ptr(delta),
         float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position), int(staged),
-        _ptr(segment_schedule(offsets)), block_min, staged_threads, _ptr(total), _ptr(geta_total))
+        _ptr(segment_schedule(offsets)), block_min, staged_threads, int(flat), _ptr(total),
+        _ptr(geta_total))
     if err:
         raise RuntimeError(err.decode())
     return (total, grad, geta_total) if reduce else (loss, grad, grad_eta)
@@ -133,8 +135,10 @@ def _fused(so, p, reduction="mean", *, order=True, inplace=False, **kw):
     return [loss.detach(), *grads]
 
 
-# staged with 512 threads per block (default), 256, or the unstaged kernel
+# staged with the flat schedule and 512 threads per block (default) or 256, staged with the
+# group schedule, or the unstaged kernel
 KERNELS = {"staged": {"staged": True}, "staged256": {"staged": True, "staged_threads": 256},
+           "groups": {"staged": True, "flat": False},
            "unstaged": {"staged": False}}
 
 
@@ -166,6 +170,37 @@ def test_block_wide_segments(lib, kernel, block_min):
     p = block_wide_problem(torch.float32)
     _assert_matches(_fused(lib, p, "none", block_min=block_min, **KERNELS[kernel]),
                     _reference(p, "none"), torch.float32, p.seg)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_flat_share_boundaries(lib, kernel):
+    """fp32 rows of 1536 labels: the flat schedule gives each of 512 threads 3 positions.
+    Segments ending exactly on a share boundary (no thread closes them from a head piece),
+    ending one before or after it, spanning many shares and warps (the 900-label segment:
+    several positives in row 3, closed by pass 2 over its bitmask), singletons."""
+    sizes = [3, 6, 2, 4, 900, 1, 1, 1, 300, 5, 7, 150, 96, 60]
+    assert sum(sizes) == 1536
+    p = _problem(sizes, 5, torch.float32, seed=21)
+    p.pos[3, p.seg.order[[20, 400, 700]]] = True
+    p.ign[3, p.seg.order[[20, 400, 700]]] = False
+    _assert_matches(_fused(lib, p, "none", **KERNELS[kernel]), _reference(p, "none"),
+                    torch.float32, p.seg)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_null_logits_of_minus_infinity(lib, kernel):
+    """eta = -inf (no null class): a row without a positive has an infinite loss, as in the
+    reference, and the other rows stay finite although staged rows hold -inf for ignored
+    labels and positives (the max starts at the lowest finite value, so exp(-inf - M) = 0)."""
+    p = _problem([40, 1, 30, 3, 200], 4, torch.float32, seed=0)
+    p.eta[:] = float("-inf")
+    got, want = _fused(lib, p, "none", **KERNELS[kernel]), _reference(p, "none")
+    assert torch.equal(got[0].isinf(), want[0].isinf()) and torch.equal(
+        got[0].isnan(), want[0].isnan())
+    finite = want[0].isfinite()
+    assert finite.sum() >= 1
+    torch.testing.assert_close(got[0][finite].double(), want[0][finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1][finite].double(), want[1][finite], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])

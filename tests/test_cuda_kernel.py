@@ -220,15 +220,18 @@ def test_binding_zero_rows_touches_nothing():
 
 # ---------------------------------------------------------------- GPU: against the reference
 
-@pytest.fixture(autouse=True, params=[(True, 0), (True, 256), (False, 0)],
-                ids=["staged", "staged256", "unstaged"])
+@pytest.fixture(autouse=True, params=[(True, 0, True), (True, 256, True), (True, 0, False),
+                                      (False, 0, True)],
+                ids=["staged", "staged256", "groups", "unstaged"])
 def _staging(request, monkeypatch):
-    """Every GPU test runs with rows staged in shared memory (blocks of 512 threads, and of
-    256) and with the unstaged kernel; the fixture's value says whether staged."""
+    """Every GPU test runs with rows staged in shared memory (flat schedule, blocks of 512
+    threads and of 256; group schedule) and with the unstaged kernel; the fixture's value
+    says whether staged."""
     from shl_kernels import kernels_cuda
-    staged, threads = request.param
+    staged, threads, flat = request.param
     monkeypatch.setattr(kernels_cuda, "STAGED", staged)
     monkeypatch.setattr(kernels_cuda, "STAGED_THREADS", threads)
+    monkeypatch.setattr(kernels_cuda, "FLAT", flat)
     return staged
 
 

@@ -30,7 +30,8 @@ def test_every_kernel_reported(report):
     for dtype in ("bf16", "fp16", "fp32", "fp64"):
         assert f"shl_fused_kernel<{dtype}>" in kernels
         for threads in (512, 256):
-            assert f"shl_staged_kernel<V=1, {threads} threads, {dtype}>" in kernels
+            for schedule in ("flat", "groups"):
+                assert f"shl_staged_kernel<V=1, {threads} threads, {schedule}, {dtype}>" in kernels
 
 
 def test_no_spills_outside_fp64(report):
@@ -44,7 +45,8 @@ def test_staged_bf16_blocks_per_sm(report):
     # rows of 32768 bf16 labels: two resident blocks of 512 threads, three of 256
     mod, kernels = report
     for threads, want in ((512, 2), (256, 3)):
-        k = kernels[f"shl_staged_kernel<V=8, {threads} threads, bf16>"]
-        blocks, dyn = mod.staged_blocks_per_sm(k, 32768)
-        assert dyn == 32768 * 2 + 32768 // 8
-        assert blocks == want, (threads, k.registers)
+        for schedule in ("flat", "groups"):
+            k = kernels[f"shl_staged_kernel<V=8, {threads} threads, {schedule}, bf16>"]
+            blocks, dyn = mod.staged_blocks_per_sm(k, 32768)
+            assert dyn == 32768 * 2 + 32768 // 8
+            assert blocks == want, (threads, schedule, k.registers, k.static_smem)

@@ -147,6 +147,13 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
   return shl_emu::exchange(v, [&](int lane) { return lane + int(delta) < 32 ? lane + int(delta) : lane; });
 }
 
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  shl_emu::check_full(mask);
+  // a lane before the warp's start reads its own value, as on the GPU
+  return shl_emu::exchange(v, [&](int lane) { return lane >= int(delta) ? lane - int(delta) : lane; });
+}
+
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   shl_emu::check_full(mask);
   shl_emu::Warp& w = shl_emu::my_warp();
