@@ -6,7 +6,7 @@
 #include <cstring>
 
 namespace shl {
-enum class DType { kInvalid, kF32, kF64, kF16, kBF16, kU8, kI32, kI64 };
+enum class DType { kInvalid, kF32, kF64, kF16, kBF16, kU8, kI32, kI64, kI16 };
 
 inline uint32_t bits_of(float f) {
   uint32_t u;

@@ -31,6 +31,9 @@ struct ShlArgs {
   // the kernel stage a row in shared memory in segment order; null with a non-null order
   // = no staging. cuda_staging = 0 forces the unstaged kernel (tests, comparisons).
   const int32_t* position = nullptr;
+  // CUDA only: the same map in 16 bits (C <= 65536): half the reads of position; either may
+  // be given (position16 first).
+  const uint16_t* position16 = nullptr;
   int cuda_staging = 1;
   // CUDA only: [m] segment ids in the order the warps take them (largest first balances
   // them); null = 0..m-1. Changes only which warp does a segment, never the results.

@@ -49,6 +49,7 @@ struct Params {
   const uint8_t* __restrict__ ign;
   const int64_t* __restrict__ order;
   const int32_t* __restrict__ position;
+  const uint16_t* __restrict__ position16;
   const int32_t* __restrict__ schedule;
   const int64_t* __restrict__ offsets;
   const A* __restrict__ w;
@@ -763,10 +764,12 @@ template <> struct UintOf<8> { using type = uint64_t; };
 // Reads the row (coalesced) and scatters it into zs in segment order: z for the negatives,
 // -inf for ignored labels and positives, the positives also set in pos_bits (cleared
 // beforehand). Packs without flags (nearly all) take the short path.
-template <int V, int NT, class T, class A>
-__device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, int C, T* zs_,
-                                          uint32_t* pos_bits) {
-  constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
+// Pos: the type of the position map (int32_t, or uint16_t for C <= 65536: half the reads);
+// position null: identity.
+template <int V, int NT, class T, class A, class Pos>
+__device__ __forceinline__ void stage_row(const Params<T, A>& P, const Pos* position,
+                                          int64_t base, int C, T* zs_, uint32_t* pos_bits) {
+  constexpr int kUnroll = V == 1 ? 3 : V == 2 ? 2 : 1;
   const int n = C / V;
   const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
   Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
@@ -774,7 +777,7 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
   for (int q0 = threadIdx.x; q0 < n; q0 += NT * kUnroll) {
     Pack<V, Bits<T>> zv[kUnroll];
     Flags pv[kUnroll], iv[kUnroll];
-    Pack<V, int32_t> xv[kUnroll];
+    Pack<V, Pos> xv[kUnroll];
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int64_t c = int64_t(q0 + j * NT) * V;
@@ -782,7 +785,7 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
         zv[j] = load_pack<V>(z + base + c);
         pv[j] = *reinterpret_cast<const Flags*>(P.pos + base + c);
         iv[j] = P.ign ? *reinterpret_cast<const Flags*>(P.ign + base + c) : Flags(0);
-        if (P.position) xv[j] = load_pack<V>(P.position + c);
+        if (position) xv[j] = load_pack<V>(position + c);
       }
     }
 #pragma unroll
@@ -792,7 +795,7 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
       const bool flagged = (pv[j] | iv[j]) != 0;
 #pragma unroll
       for (int t = 0; t < V; ++t) {
-        const int p = P.position ? xv[j].v[t] : q * V + t;
+        const int p = position ? int(xv[j].v[t]) : q * V + t;
         Bits<T> bits = zv[j].v[t];
         if (flagged) {
           const bool ign = (iv[j] >> (8 * t)) & 0xff, pos = (pv[j] >> (8 * t)) & 0xff;
@@ -805,9 +808,9 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, int64_t base, i
   }
 }
 
-template <int V, int NT, class T, class A>
-__device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base, int C,
-                                            const T* zs_) {
+template <int V, int NT, class T, class A, class Pos>
+__device__ __forceinline__ void unstage_row(const Params<T, A>& P, const Pos* position,
+                                            int64_t base, int C, const T* zs_) {
   constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
   const int n = C / V;
   const Bits<T>* zs = reinterpret_cast<const Bits<T>*>(zs_);
@@ -818,10 +821,10 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, int64_t base,
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
       if (q < n) {
-        Pack<V, int32_t> xv;
-        if (P.position) xv = load_pack<V>(P.position + int64_t(q) * V);
+        Pack<V, Pos> xv;
+        if (position) xv = load_pack<V>(position + int64_t(q) * V);
 #pragma unroll
-        for (int t = 0; t < V; ++t) gv[j].v[t] = zs[P.position ? xv.v[t] : q * V + t];
+        for (int t = 0; t < V; ++t) gv[j].v[t] = zs[position ? int(xv.v[t]) : q * V + t];
       }
     }
 #pragma unroll
@@ -854,14 +857,16 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
   __syncthreads();
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     const int64_t base = row * P.C;
-    stage_row<V, NT>(P, base, C, zs, pos_bits);
+    if (P.position16) stage_row<V, NT>(P, P.position16, base, C, zs, pos_bits);
+    else stage_row<V, NT>(P, P.position, base, C, zs, pos_bits);
     __syncthreads();
     const StagedRow<T, A> R{P, zs, pos_bits, base};
     if constexpr (Flat) row_loss_flat<NT>(P, R, row, range, Q, &flat, &scratch);
     else row_loss<NT>(P, R, row, &scratch);
     // The row ended with a barrier: the segments are done with pos_bits, cleared for the
     // next row while the gradient goes out.
-    unstage_row<V, NT>(P, base, C, zs);
+    if (P.position16) unstage_row<V, NT>(P, P.position16, base, C, zs);
+    else unstage_row<V, NT>(P, P.position, base, C, zs);
     clear_bits<NT>(pos_bits, C);
     __syncthreads();  // shared memory is restaged for the next row
   }
@@ -895,7 +900,7 @@ inline int smem_optin(int dev) {
 // run (staging off, an order without its inverse, or a row larger than the device allows).
 template <class T, class A>
 int staged_bytes(const ShlArgs& a) {
-  if (!a.cuda_staging || (a.order && !a.position) || a.C >= INT_MAX) return 0;
+  if (!a.cuda_staging || (a.order && !a.position && !a.position16) || a.C >= INT_MAX) return 0;
   const int64_t bytes = staged_z_bytes<T>(a.C) + staged_bits_bytes(a.C);
   // the kernel's static shared memory (at most this; the 256-thread variant has less)
   const int64_t reserve =
@@ -982,7 +987,8 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   P.pos = a.pos;
   P.ign = a.ign;
   P.order = a.order;
-  P.position = a.position;
+  P.position = a.position16 ? nullptr : a.position;
+  P.position16 = a.position16;
   P.schedule = a.schedule;
   P.offsets = a.offsets;
   P.w = static_cast<const A*>(a.w);
@@ -1000,7 +1006,8 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   if (const int bytes = staged_bytes<T, A>(a)) {
     constexpr int V = 16 / sizeof(T);
     const bool vec = a.C % V == 0 && aligned(a.z, 16) && aligned(a.grad, 16) &&
-                     aligned(a.pos, V) && aligned(a.ign, V) && aligned(a.position, 4 * V);
+                     aligned(a.pos, V) && aligned(a.ign, V) && aligned(P.position, 4 * V) &&
+                     aligned(a.position16, 2 * V);
     const int nt = a.cuda_staged_threads;
     const bool flat = a.cuda_flat != 0;
     e = vec ? launch_staged<V>(P, blocks, bytes, nt, flat, stream)

@@ -39,8 +39,18 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
   if (!position.is_none()) {
     if (order.is_none())
       throw py::value_error("position: given without order (it is order's inverse); pass None");
-    a.position = detail::arg(position, "position", zv, false, DType::kI32, "int32", {a.C})
-                     .ptr<const int32_t>();
+    const TensorView pv = view(position, "position");
+    check_same_device(zv, pv);
+    check_dtype(pv, {DType::kI32, DType::kI16}, "int32, or int16 holding uint16 values");
+    check_shape(pv, {a.C});
+    if (to_dtype(pv.dtype) == DType::kI32) {
+      a.position = pv.ptr<const int32_t>();
+    } else {
+      if (a.C > 65536)
+        throw py::value_error("position: 16-bit positions need C <= 65536 labels, got " +
+                              std::to_string(a.C) + "; pass them as int32");
+      a.position16 = pv.ptr<const uint16_t>();
+    }
   }
   a.cuda_staging = staged ? 1 : 0;
   a.cuda_block_min = block_min;

@@ -49,6 +49,7 @@ inline DType to_dtype(DLDataType t) {
   if ((t.code == kDLUInt || t.code == kDLBool) && t.bits == 8) return DType::kU8;
   if (t.code == kDLInt && t.bits == 64) return DType::kI64;
   if (t.code == kDLInt && t.bits == 32) return DType::kI32;
+  if (t.code == kDLInt && t.bits == 16) return DType::kI16;
   return DType::kInvalid;
 }
 

@@ -58,16 +58,30 @@ def _cached(t: torch.Tensor, what: str, make: Callable[[torch.Tensor], torch.Ten
     return out
 
 
-def _inverse(order: torch.Tensor) -> torch.Tensor:
+# Up to this many labels the kernel reads positions as 16-bit (half the reads per row).
+POSITION16_MAX = 1 << 16
+
+
+def _inverse(order: torch.Tensor, bits: int) -> torch.Tensor:
     C = order.numel()
     position = torch.empty(C, dtype=torch.int32, device=order.device)
     position[order] = torch.arange(C, dtype=torch.int32, device=order.device)
+    if bits == 16:  # uint16 bits in an int16 tensor (torch has few uint16 ops)
+        position = torch.where(position >= 1 << 15, position - (1 << 16), position)
+        return position.to(torch.int16)
     return position
 
 
-def segment_position(order: torch.Tensor) -> torch.Tensor:
-    """int32 [C]: the segment position of each original label id (the inverse of `order`)."""
-    return _cached(order, "position", _inverse)
+def segment_position(order: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+    """[C]: the segment position of each original label id (the inverse of `order`), in
+    `bits` 16 (int16 holding the uint16 value; C <= POSITION16_MAX) or 32 (int32); default:
+    16 where it fits."""
+    if bits is None:
+        bits = 16 if order.numel() <= POSITION16_MAX else 32
+    if bits not in (16, 32) or (bits == 16 and order.numel() > POSITION16_MAX):
+        raise ValueError(f"bits: 16 (C <= {POSITION16_MAX}) or 32, got {bits} for "
+                         f"C={order.numel()}")
+    return _cached(order, f"position{bits}", lambda o: _inverse(o, bits))
 
 
 def _largest_first(offsets: torch.Tensor) -> torch.Tensor:

@@ -69,8 +69,8 @@ def lib(tmp_path_factory):
     so.shl_emulated_fused.restype = ctypes.c_char_p
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     so.shl_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, p, p,
-                                      ctypes.c_double, p, p, p, p, ctypes.c_int, p, i64,
-                                      ctypes.c_int, ctypes.c_int, p, p]
+                                      ctypes.c_double, p, p, p, p, ctypes.c_int, ctypes.c_int,
+                                      p, i64, ctypes.c_int, ctypes.c_int, p, p]
     d = ctypes.c_double
     so.elementwise_emulated_fused.restype = ctypes.c_char_p
     so.elementwise_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, p, ctypes.c_int,
@@ -84,7 +84,7 @@ def _ptr(t: torch.Tensor | None):
 
 def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, need_grad_eta,
                     grad_out=None, *, reduce=False, staged=True, block_min=-1, staged_threads=0,
-                    flat=True):
+                    flat=True, position_bits=None):
     """fused.FusedKernel over the emulated CUDA kernel (CPU tensors standing in for device
     memory); the same extra arguments as kernels_cuda.shl_fused_cuda."""
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
@@ -96,11 +96,13 @@ def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, 
             t.fill_(float("nan"))
     if grad_out is None:
         grad.fill_(float("nan"))
-    position = segment_position(order) if staged and order is not None else None
+    position = (segment_position(order, position_bits) if staged and order is not None
+                else None)
     err = so.shl_emulated_fused(
         _ptr(z), _DTYPE_ENUM[z.dtype], z.shape[0], z.shape[1], offsets.numel() - 1, _ptr(pos),
         _ptr(ign), _ptr(order), _ptr(offsets), _ptr(w), _ptr(eta), _ptr(delta),
-        float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position), int(staged),
+        float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position),
+        0 if position is None else 8 * position.element_size(), int(staged),
         _ptr(segment_schedule(offsets)), block_min, staged_threads, int(flat), _ptr(total),
         _ptr(geta_total))
     if err:
@@ -136,9 +138,11 @@ def _fused(so, p, reduction="mean", *, order=True, inplace=False, **kw):
 
 
 # staged with the flat schedule and 512 threads per block (default) or 256, staged with the
-# group schedule, or the unstaged kernel
+# group schedule, staged with 32-bit positions (the default's are 16-bit at these sizes), or
+# the unstaged kernel
 KERNELS = {"staged": {"staged": True}, "staged256": {"staged": True, "staged_threads": 256},
            "groups": {"staged": True, "flat": False},
+           "position32": {"staged": True, "position_bits": 32},
            "unstaged": {"staged": False}}
 
 

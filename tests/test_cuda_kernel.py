@@ -128,10 +128,31 @@ def test_binding_checks_dtype_and_shape(name, bad, exc):
 
 @needs_build
 @pytest.mark.parametrize("bad, exc", [(torch.arange(5, dtype=torch.int64), TypeError),
-                                      (torch.arange(4, dtype=torch.int32), ValueError)])
+                                      (torch.arange(5, dtype=torch.int8), TypeError),
+                                      (torch.arange(4, dtype=torch.int32), ValueError),
+                                      (torch.arange(4, dtype=torch.int16), ValueError)])
 def test_binding_checks_position(bad, exc):
     with pytest.raises(exc, match="^position: "):
         _call_binding(_binding_args(position=bad))
+
+
+@needs_build
+def test_binding_rejects_16_bit_positions_past_65536_labels():
+    C = (1 << 16) + 1
+    with pytest.raises(ValueError, match="^position: 16-bit positions need C <= 65536"):
+        _call_binding(_binding_args(C=C, order=torch.arange(C), offsets=torch.tensor([0, 2, C]),
+                                    w=None, delta=None, position=torch.zeros(C, dtype=torch.int16)))
+
+
+def test_segment_position_widths():
+    order = torch.randperm(40000)
+    p16, p32 = segment_position(order), segment_position(order, 32)
+    assert p16.dtype == torch.int16 and p32.dtype == torch.int32
+    assert torch.equal(p16.to(torch.int32) & 0xFFFF, p32)  # the uint16 bits
+    assert torch.equal(order[p32.long()], torch.arange(40000))
+    assert segment_position(torch.arange((1 << 16) + 1)).dtype == torch.int32
+    with pytest.raises(ValueError, match="^bits: "):
+        segment_position(torch.arange((1 << 16) + 1), 16)
 
 
 @needs_build
@@ -162,12 +183,12 @@ def test_binding_rejects_position_without_order():
 
 def test_segment_position_inverts_order_and_is_cached():
     order = torch.randperm(1000)
-    position = segment_position(order)
+    position = segment_position(order, 32)
     assert position.dtype == torch.int32
     assert torch.equal(order[position.long()], torch.arange(1000))
-    assert segment_position(order) is position  # same tensor, same version: cached
+    assert segment_position(order, 32) is position  # same tensor, same version: cached
     order[:2] = order[:2].flip(0)  # in-place change: recomputed
-    assert torch.equal(order[segment_position(order).long()], torch.arange(1000))
+    assert torch.equal(order[segment_position(order, 32).long()], torch.arange(1000))
 
 
 def test_segment_schedule_lists_segments_largest_first():
@@ -485,6 +506,15 @@ def test_vector_staging_and_its_scalar_fallback(dtype):
     shifted.copy_(p.z)
     for a, b in zip(shl_fused_cuda(p.z.to(DEV), *args), shl_fused_cuda(shifted, *args)):
         assert torch.equal(a, b)
+
+
+@needs_gpu
+def test_32_bit_positions_past_65536_labels(_staging):
+    # bf16 rows of 70000 labels still fit shared memory; past 65536 the position map is int32.
+    p = _problem([40000, 20000, 9000, 999, 1], 3, torch.bfloat16, seed=22)
+    assert segment_position(p.seg.order).dtype == torch.int32
+    got, _ = _fused(p, "sum")
+    _assert_matches(got, _reference(p, "sum"), torch.bfloat16, p.seg)
 
 
 @needs_gpu

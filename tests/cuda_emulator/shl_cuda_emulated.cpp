@@ -9,7 +9,7 @@ extern "C" const char* shl_emulated_fused(
     const void* z, int z_dtype, int64_t B, int64_t C, int64_t m, const uint8_t* pos,
     const uint8_t* ign, const int64_t* order, const int64_t* offsets, const void* w,
     const void* eta, const void* delta, double grad_scale, void* loss, void* grad,
-    void* grad_eta, const int32_t* position, int staged, const int32_t* schedule,
+    void* grad_eta, const void* position, int position_bits, int staged, const int32_t* schedule,
     int64_t block_min, int staged_threads, int flat, void* loss_total,
     void* grad_eta_total) {
   shl::ShlArgs a;
@@ -29,7 +29,8 @@ extern "C" const char* shl_emulated_fused(
   a.loss = loss;
   a.grad = grad;
   a.grad_eta = grad_eta;
-  a.position = position;
+  if (position_bits == 16) a.position16 = static_cast<const uint16_t*>(position);
+  else a.position = static_cast<const int32_t*>(position);
   a.cuda_staging = staged;
   a.schedule = schedule;
   a.cuda_block_min = block_min;
