@@ -6,13 +6,16 @@
 // in segment order, read and written coalesced, with -inf in place of the ignored labels
 // and the positives (marked in a bitmask, their logits read from global memory), so the
 // per-element passes read no flags (shl_staged_kernel); otherwise the segments gather from
-// global memory (shl_fused_kernel). Either way segments of at least twice the
-// block's threads are done first, each by the whole block (block-strided loops, reductions
-// through shared memory), then the warps deal out the others, largest first, 32 at a time
-// (one per lane; see row_loss). A segment of at most kSmall labels is handled by its lane
-// alone, a larger one by the whole warp (lane-strided loops, shuffle reductions):
-// singleton segments do not waste a warp, and no warp is left alone with a segment of
-// thousands of labels while the rest of the block waits.
+// global memory (shl_fused_kernel).
+// Staged rows take the flat schedule by default (row_loss_flat): each thread an equal share
+// of consecutive positions, whatever the segments; the segments crossing shares are joined
+// by a segmented scan over the block. The group schedule (row_loss; the unstaged kernel's,
+// and the staged kernel's with ShlArgs::cuda_flat = 0) deals whole segments out instead:
+// segments of at least twice the block's threads first, each by the whole block
+// (block-strided loops, reductions through shared memory), then the warps take the others,
+// largest first, 32 at a time (one per lane). A segment of at most kSmall labels is handled
+// by its lane alone, a larger one by the whole warp (lane-strided loops, shuffle
+// reductions).
 // Each segment takes three passes over its labels:
 //   1. max M of eta and the non-ignored u's, online sum of exp(u - M) over the
 //      negatives, the number of positives (and where the last one is);
