@@ -298,40 +298,49 @@ struct Part {
   static __device__ __forceinline__ Part start(A eta) { return {nan_max(eta, lowest<A>()), A(0), 0, I(0)}; }
 };
 
-// Pass 1 over positions p0 + first, p0 + first + stride, ... below p1, into x.
-template <int kUnroll, class A, class Row, class I>
-__device__ __forceinline__ void accumulate(const Row& R, I p0, I p1, int first, int stride,
-                                           Part<A, I>& x) {
-#pragma unroll kUnroll
-  for (I p = p0 + first; p < p1; p += stride) {
-    const Elem e = R.get(p);
-    if (e.ign) continue;
-    const A u = R.u(p, e);
+// Pass 1 of one position p into x.
+template <class A, class Row, class I>
+__device__ __forceinline__ void accumulate_one(const Row& R, I p, Part<A, I>& x) {
+  const Elem e = R.get(p);
+  if (e.ign) return;
+  const A u = R.u(p, e);
+  const A Mn = nan_max(x.M, u);
+  if (!(Mn == x.M)) {
+    x.s *= exp_(x.M - Mn);
+    x.M = Mn;
+  }
+  if (e.pos) {
+    ++x.npos;
+    x.pos = p;
+  } else {
+    x.s += exp_(u - x.M);  // u = M = +inf gives NaN, as in the reference
+  }
+}
+
+// Staged rows' positives (bitmask) of the words first, first + stride, ... of [p0, p1) (see
+// StagedRow::for_positives) into x: in the max, not in the sum.
+template <class A, class Row, class I>
+__device__ __forceinline__ void accumulate_positives(const Row& R, I p0, I p1, int first,
+                                                     int stride, Part<A, I>& x) {
+  R.for_positives(p0, p1, first, stride, [&](int p) {
+    const A u = R.positive_u(p);
     const A Mn = nan_max(x.M, u);
     if (!(Mn == x.M)) {
       x.s *= exp_(x.M - Mn);
       x.M = Mn;
     }
-    if (e.pos) {
-      ++x.npos;
-      x.pos = p;
-    } else {
-      x.s += exp_(u - x.M);  // u = M = +inf gives NaN, as in the reference
-    }
-  }
-  // Staged rows' positives (bitmask): in the max, not in the sum.
-  if constexpr (Row::kSparse) {
-    R.for_positives(p0, p1, first, stride, [&](int p) {
-      const A u = R.positive_u(p);
-      const A Mn = nan_max(x.M, u);
-      if (!(Mn == x.M)) {
-        x.s *= exp_(x.M - Mn);
-        x.M = Mn;
-      }
-      ++x.npos;
-      x.pos = p;
-    });
-  }
+    ++x.npos;
+    x.pos = p;
+  });
+}
+
+// Pass 1 over positions p0 + first, p0 + first + stride, ... below p1, into x.
+template <int kUnroll, class A, class Row, class I>
+__device__ __forceinline__ void accumulate(const Row& R, I p0, I p1, int first, int stride,
+                                           Part<A, I>& x) {
+#pragma unroll kUnroll
+  for (I p = p0 + first; p < p1; p += stride) accumulate_one(R, p, x);
+  if constexpr (Row::kSparse) accumulate_positives(R, p0, p1, first, stride, x);
 }
 
 // What the gradient of a segment needs (the same in every thread of its group).
@@ -395,31 +404,42 @@ __device__ Closed<A> close_segment(const Params<T, A>& P, const Row& R, int64_t 
   return Closed<A>{M, Aden, S, loss};
 }
 
-// Pass 3 over positions p0 + first, p0 + first + stride, ... below p1: the gradients
-// (negatives: exp(u - M) * S; positives: -w_p * A / D_p). Each element is read before it is
-// written, by the same thread: grad may alias z. `sync` orders a group's writes (staged rows
-// write the positives' gradients over the zeros just written there).
+// Pass 3 of one position p: its gradient (negatives: exp(u - M) * S; positives:
+// -w_p * A / D_p; ignored: 0), read before it is written, by the same thread: grad may alias z.
+template <class A, class Row, class I>
+__device__ __forceinline__ void gradient_one(const Row& R, I p, const Closed<A>& c) {
+  const Elem e = R.get(p);
+  A gr = 0;
+  if (!e.ign) {
+    const A u = R.u(p, e), ex = exp_(u - c.M);
+    gr = e.pos ? -R.weight(p, e) * c.Aden / (c.Aden + ex) : ex * c.S;
+    // Staged rows: ignored labels and positives hold -inf: exactly 0 (also when S is NaN)
+    if constexpr (Row::kSparse) gr = u == neg_inf<A>() ? A(0) : gr;
+  }
+  R.put(p, e, gr);
+}
+
+// Staged rows: the gradients of the positives (bitmask) of the words first, first + stride,
+// ... of [p0, p1), written over the 0 that gradient_one left there.
+template <class A, class Row, class I>
+__device__ __forceinline__ void positive_gradients(const Row& R, I p0, I p1, int first,
+                                                   int stride, const Closed<A>& c) {
+  R.for_positives(p0, p1, first, stride, [&](int p) {
+    const A ex = exp_(R.positive_u(p) - c.M);
+    R.put(p, Elem{}, -R.weight(p, Elem{}) * c.Aden / (c.Aden + ex));
+  });
+}
+
+// Pass 3 over positions p0 + first, p0 + first + stride, ... below p1. `sync` orders a
+// group's writes (staged rows write the positives' gradients over the zeros just written).
 template <int kUnroll, class A, class Row, class I, class Sync>
 __device__ __forceinline__ void write_gradients(const Row& R, I p0, I p1, int first, int stride,
                                                 const Closed<A>& c, Sync&& sync) {
 #pragma unroll kUnroll
-  for (I p = p0 + first; p < p1; p += stride) {
-    const Elem e = R.get(p);
-    A gr = 0;
-    if (!e.ign) {
-      const A u = R.u(p, e), ex = exp_(u - c.M);
-      gr = e.pos ? -R.weight(p, e) * c.Aden / (c.Aden + ex) : ex * c.S;
-      // Staged rows: ignored labels and positives hold -inf: exactly 0 (also when S is NaN)
-      if constexpr (Row::kSparse) gr = u == neg_inf<A>() ? A(0) : gr;
-    }
-    R.put(p, e, gr);
-  }
-  if constexpr (Row::kSparse) {  // the positives' gradients, over the 0 just written there
+  for (I p = p0 + first; p < p1; p += stride) gradient_one(R, p, c);
+  if constexpr (Row::kSparse) {
     sync();
-    R.for_positives(p0, p1, first, stride, [&](int p) {
-      const A ex = exp_(R.positive_u(p) - c.M);
-      R.put(p, Elem{}, -R.weight(p, Elem{}) * c.Aden / (c.Aden + ex));
-    });
+    positive_gradients(R, p0, p1, first, stride, c);
   }
 }
 
@@ -513,16 +533,17 @@ __device__ void row_loss(const Params<T, A>& P, const Row& R, int64_t row,
 // The flat schedule of a staged row (the default; ShlArgs::cuda_flat): every thread gets the
 // same share of the row whatever the segments. Thread t owns positions [t Q, (t + 1) Q), Q
 // about C / NT, chosen so that the lanes of a warp, Q elements apart, read 32 different
-// banks of shared memory (an odd stride in 4-byte words; see flat_share). A thread walks its
-// positions piece by piece (a piece: the part of one segment in its range). A segment
-// inside the range is done there, all three passes by that thread (as by a lane in
-// row_loss). The segments that cross a range boundary are combined across threads by one
-// segmented scan of their pass-1 statistics over the block: the thread holding a segment's
-// last position (its closer) merges the scan's value before it with its own piece, closes
-// the segment (loss, S, eta gradient; with several positives, pass 2 over the segment's
-// bitmask words by that thread) and publishes M, A and S; after a barrier the other threads
-// write the gradients of their pieces of it. Against row_loss: no thread waits on another's
-// large segment, and no group reduction per segment (one scan and two barriers per row).
+// banks of shared memory (an odd stride in 4-byte words; see flat_share). Pass 1 is one loop
+// over the range (a piece: the part of one segment in it, settled where the segment ends): a
+// segment inside the range is closed there; the segments crossing a range boundary are
+// joined by one segmented scan of their pass-1 statistics over the block, and the thread
+// holding a segment's last position (its closer) merges the scan's value before it with its
+// own piece and closes the segment (loss, S, eta gradient; with several positives, pass 2
+// over the segment's bitmask words by that thread). Closed segments leave M, A, S in shared
+// memory (one entry per segment); after a barrier pass 3 is one loop over the range again.
+// Against row_loss: no thread waits on another's large segment, no group reduction per
+// segment (one scan and three barriers per row), and a warp's lanes run their loops in
+// step.
 template <class A>
 struct Carry {  // a value of the segmented scan
   Part<A, int> x;  // pass-1 statistics of the segment open at the end of the window
@@ -562,10 +583,17 @@ __device__ __forceinline__ void follow(Carry<A>& c, const Carry<A>& before) {
 
 template <int NT, class A>
 struct FlatShared {
-  A M[NT], Aden[NT], S[NT];  // the segment closed by thread t (at most one)
-  Carry<A> warp[NT / 32];    // the scan's warp totals, then their inclusive prefixes
-  int any_empty;             // some segment has no label
+  Carry<A> warp[NT / 32];  // the scan's warp totals, then their inclusive prefixes
+  int any_empty;           // some segment has no label
 };
+
+// The flat schedule keeps every segment's Closed statistics in dynamic shared memory, after
+// the row and its bitmask (written by the segment's closer, read by every thread with a
+// piece of it).
+template <class A>
+__host__ __device__ constexpr int64_t flat_stats_bytes(int64_t m) {
+  return m * int64_t(sizeof(Closed<A>));
+}
 
 // Segmented scan over the block's threads in order: the combined value of threads 0..t-1
 // (no_carry for thread 0). Fixed order: deterministic.
@@ -627,60 +655,81 @@ __device__ FlatRange flat_range(const Params<T, A>& P, int Q) {
 
 template <int NT, class T, class A>
 __device__ void row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, int64_t row,
-                              const FlatRange& r, int Q, FlatShared<NT, A>* sh,
+                              const FlatRange& r, Closed<A>* stats, FlatShared<NT, A>* sh,
                               BlockScratch<NT, A>* scratch) {
   using X = Part<A, int>;
+  auto offset = [&](int k) { return static_cast<int>(P.offsets[k]); };
+  auto eta_of = [&](int k) { return P.eta ? P.eta[k] : A(0); };
   A acc = 0;
-  // Pass 1 piece by piece; the segment pieces at either end of the range are kept: `head`
-  // (a segment begun before a, ending in the range: this thread closes it) and `tail` (one
-  // going on past b: its statistics enter the scan).
+  // The segment pieces at either end of the range: `head`, of a segment begun before a and
+  // ending in the range (this thread closes it), and `tail`, of one going on past b (its
+  // statistics enter the scan).
   X head = X::start(A(0));
-  int head_k = -1, head_end = r.a;
+  int head_k = -1;
   Carry<A> tail = no_carry<A>();
-  int tail_k = -1, tail_start = r.b;
-  int k = r.k0;
-  for (int p = r.a; p < r.b;) {
-    const int s0 = static_cast<int>(P.offsets[k]), s1 = static_cast<int>(P.offsets[k + 1]);
-    const int e = s1 < r.b ? s1 : r.b;
-    const A eta = P.eta ? P.eta[k] : A(0);
+  // Pass 1: one loop over the range, whatever its segments, so that the lanes of a warp stay
+  // in step (a loop per piece would have them wait for each other's pieces in turn); a
+  // piece is settled where its segment ends (a branch the lanes take at different times).
+  if (r.a < r.b) {
+    int k = r.k0, s0 = offset(k), s1 = offset(k + 1), ps = r.a;
+    A eta = eta_of(k);
     X x = X::start(eta);
-    accumulate<4>(R, p, e, 0, 1, x);
-    const bool left = p > s0, right = e < s1;
-    if (!left && !right) {  // the whole segment is here
-      const Closed<A> c = close_segment(P, R, row, k, s0, s1, eta, x, true, LaneGroup{});
-      write_gradients<4>(R, s0, s1, 0, 1, c, [] {});
-      acc += c.loss;
-    } else if (!right) {
-      head = x, head_k = k, head_end = e;
-    } else {
-      tail = Carry<A>{x, left ? 0 : 1}, tail_k = k, tail_start = p;
+    auto settle = [&](int pe) {  // the piece [ps, pe) of segment k is complete
+      accumulate_positives(R, ps, pe, 0, 1, x);
+      const bool left = ps > s0, right = pe < s1;
+      if (!left && !right) {  // the whole segment is here
+        const Closed<A> c = close_segment(P, R, row, k, s0, s1, eta, x, true, LaneGroup{});
+        stats[k] = c;
+        acc += c.loss;
+      } else if (!right) {
+        head = x, head_k = k;
+      } else {
+        tail = Carry<A>{x, left ? 0 : 1};
+      }
+    };
+#pragma unroll 4
+    for (int p = r.a; p < r.b; ++p) {
+      if (p == s1) {
+        settle(p);
+        do ++k; while (offset(k + 1) <= p);  // skips empty segments
+        s0 = p, s1 = offset(k + 1), ps = p, eta = eta_of(k);
+        x = X::start(eta);
+      }
+      accumulate_one(R, p, x);
     }
-    p = e;
-    if (p < r.b) do ++k; while (P.offsets[k + 1] <= p);  // skips empty segments
+    settle(r.b);
   }
   const Carry<A> before = scan_before<NT>(tail, sh);
   if (head_k >= 0) {  // close the segment begun before a
     Carry<A> h{head, 0};
     follow(h, before);
-    const int s0 = static_cast<int>(P.offsets[head_k]);
-    const int s1 = static_cast<int>(P.offsets[head_k + 1]);
-    const A eta = P.eta ? P.eta[head_k] : A(0);
-    const Closed<A> c = close_segment(P, R, row, head_k, s0, s1, eta, h.x, true, LaneGroup{});
-    sh->M[threadIdx.x] = c.M, sh->Aden[threadIdx.x] = c.Aden, sh->S[threadIdx.x] = c.S;
-    write_gradients<4>(R, r.a, head_end, 0, 1, c, [] {});
+    const Closed<A> c = close_segment(P, R, row, head_k, offset(head_k), offset(head_k + 1),
+                                      eta_of(head_k), h.x, true, LaneGroup{});
+    stats[head_k] = c;
     acc += c.loss;
   }
-  __syncthreads();
-  if (tail_k >= 0) {  // its closer holds the segment's last position
-    const int t = (static_cast<int>(P.offsets[tail_k + 1]) - 1) / Q;
-    const Closed<A> c{sh->M[t], sh->Aden[t], sh->S[t], A(0)};
-    write_gradients<4>(R, tail_start, r.b, 0, 1, c, [] {});
+  __syncthreads();  // every segment's statistics are in `stats`
+  // Pass 3, one loop over the range as pass 1; each piece's positives once it is written.
+  if (r.a < r.b) {
+    int k = r.k0, s1 = offset(k + 1), ps = r.a;
+    Closed<A> c = stats[k];
+#pragma unroll 4
+    for (int p = r.a; p < r.b; ++p) {
+      if (p == s1) {
+        positive_gradients(R, ps, p, 0, 1, c);
+        do ++k; while (offset(k + 1) <= p);
+        s1 = offset(k + 1), ps = p;
+        c = stats[k];
+      }
+      gradient_one(R, p, c);
+    }
+    positive_gradients(R, ps, r.b, 0, 1, c);
   }
   if (sh->any_empty) {  // segments without labels: the null event alone
     for (int j = threadIdx.x; j < P.m; j += NT) {
-      const int s0 = static_cast<int>(P.offsets[j]);
-      if (P.offsets[j + 1] != s0) continue;
-      const A eta = P.eta ? P.eta[j] : A(0);
+      const int s0 = offset(j);
+      if (offset(j + 1) != s0) continue;
+      const A eta = eta_of(j);
       acc += close_segment(P, R, row, j, s0, s0, eta, X::start(eta), false, LaneGroup{}).loss;
     }
   }
@@ -846,12 +895,13 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
   __shared__ FlatShared<NT, A> flat;  // (unused by the group schedule: a few KB)
   T* zs = reinterpret_cast<T*>(smem);
   uint32_t* pos_bits = reinterpret_cast<uint32_t*>(smem + staged_z_bytes<T>(P.C));
+  Closed<A>* stats = reinterpret_cast<Closed<A>*>(smem + staged_z_bytes<T>(P.C) +
+                                                  staged_bits_bytes(P.C));
   const int C = static_cast<int>(P.C);
   clear_bits<NT>(pos_bits, C);
   FlatRange range{};
-  const int Q = flat_share<NT, T>(C);
   if constexpr (Flat) {
-    range = flat_range<NT>(P, Q);
+    range = flat_range<NT>(P, flat_share<NT, T>(C));
     if (threadIdx.x == 0) flat.any_empty = 0;
     __syncthreads();
     for (int k = threadIdx.x; k < P.m; k += NT)
@@ -864,7 +914,7 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
     else stage_row<V, NT>(P, P.position, base, C, zs, pos_bits);
     __syncthreads();
     const StagedRow<T, A> R{P, zs, pos_bits, base};
-    if constexpr (Flat) row_loss_flat<NT>(P, R, row, range, Q, &flat, &scratch);
+    if constexpr (Flat) row_loss_flat<NT>(P, R, row, range, stats, &flat, &scratch);
     else row_loss<NT>(P, R, row, &scratch);
     // The row ended with a barrier: the segments are done with pos_bits, cleared for the
     // next row while the gradient goes out.
@@ -899,12 +949,14 @@ inline int smem_optin(int dev) {
   return v;
 }
 
-// Dynamic shared memory the staged kernel needs for a row of C labels, or 0 when it cannot
-// run (staging off, an order without its inverse, or a row larger than the device allows).
+// Dynamic shared memory the staged kernel needs for a row of C labels (with the flat
+// schedule's per-segment statistics when `flat`), or 0 when it cannot run (staging off, an
+// order without its inverse, or more than the device allows).
 template <class T, class A>
-int staged_bytes(const ShlArgs& a) {
+int staged_bytes(const ShlArgs& a, bool flat) {
   if (!a.cuda_staging || (a.order && !a.position && !a.position16) || a.C >= INT_MAX) return 0;
-  const int64_t bytes = staged_z_bytes<T>(a.C) + staged_bits_bytes(a.C);
+  const int64_t bytes = staged_z_bytes<T>(a.C) + staged_bits_bytes(a.C) +
+                        (flat ? flat_stats_bytes<A>(a.m) : 0);
   // the kernel's static shared memory (at most this; the 256-thread variant has less)
   const int64_t reserve =
       sizeof(BlockScratch<kStagedThreads, A>) + sizeof(FlatShared<kStagedThreads, A>) + 64;
@@ -966,7 +1018,7 @@ const char* staged_occupancy(int64_t C, int* blocks_per_sm, int* bytes_out) {
   }
   ShlArgs a;
   a.C = C;
-  const int bytes = staged_bytes<T, A>(a);
+  const int bytes = staged_bytes<T, A>(a, true);  // m = 0: the row alone
   *bytes_out = bytes;
   *blocks_per_sm = 0;
   if (!bytes) return nullptr;  // the row does not fit: unstaged kernel
@@ -1006,13 +1058,16 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   P.block_min = a.cuda_block_min;
   const unsigned blocks = static_cast<unsigned>(a.B < INT_MAX ? a.B : INT_MAX);
   cudaError_t e = cudaSuccess;
-  if (const int bytes = staged_bytes<T, A>(a)) {
+  // Staged with the flat schedule where the row and the segments' statistics fit shared
+  // memory, else with the group schedule where the row fits, else unstaged.
+  const int flat_bytes = a.cuda_flat ? staged_bytes<T, A>(a, true) : 0;
+  if (const int bytes = flat_bytes ? flat_bytes : staged_bytes<T, A>(a, false)) {
     constexpr int V = 16 / sizeof(T);
     const bool vec = a.C % V == 0 && aligned(a.z, 16) && aligned(a.grad, 16) &&
                      aligned(a.pos, V) && aligned(a.ign, V) && aligned(P.position, 4 * V) &&
                      aligned(a.position16, 2 * V);
     const int nt = a.cuda_staged_threads;
-    const bool flat = a.cuda_flat != 0;
+    const bool flat = flat_bytes != 0;
     e = vec ? launch_staged<V>(P, blocks, bytes, nt, flat, stream)
             : launch_staged<1>(P, blocks, bytes, nt, flat, stream);
   } else {

@@ -191,6 +191,15 @@ def test_flat_share_boundaries(lib, kernel):
                     torch.float32, p.seg)
 
 
+def test_flat_schedule_falls_back_when_its_statistics_do_not_fit(lib):
+    """fp32 rows of 40000 labels fit shared memory (the emulated device's 227 KB), but not
+    with the flat schedule's statistics of 5000 segments (16 bytes each): the group schedule
+    takes them (a launch asking for more shared memory than the device has would abort)."""
+    sizes = [8] * 4999 + [40000 - 8 * 4999]
+    p = _problem(sizes, 2, torch.float32, seed=23, pos_p=0.001)
+    _assert_matches(_fused(lib, p, "none"), _reference(p, "none"), torch.float32, p.seg)
+
+
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_null_logits_of_minus_infinity(lib, kernel):
     """eta = -inf (no null class): a row without a positive has an infinite loss, as in the

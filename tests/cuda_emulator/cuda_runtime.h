@@ -47,6 +47,7 @@
 namespace shl_emu {
 
 constexpr auto kBarrierTimeout = std::chrono::seconds(60);
+constexpr int kSmemOptin = 232448;  // sm_90's shared memory per block (227 KB)
 
 // A reusable barrier for n threads (generation counted), aborting on a timeout.
 class Barrier {
@@ -189,7 +190,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess; }
 inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
-  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448  // sm_90: 227 KB
+  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? shl_emu::kSmemOptin
        : attr == cudaDevAttrMultiProcessorCount          ? 4
                                                          : 0;
   return cudaSuccess;
@@ -221,6 +222,11 @@ inline unsigned char* dynamic_smem() {
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem,
                    cudaStream_t, Args&&... args) {
+  if (smem > kSmemOptin) {  // a GPU would refuse the launch
+    std::fprintf(stderr, "CUDA emulation: %zu bytes of dynamic shared memory asked, the "
+                         "device allows %d\n", smem, kSmemOptin);
+    std::abort();
+  }
   Block blk(block, smem);
   Barrier between(static_cast<int>(block));
   std::vector<std::thread> threads;
