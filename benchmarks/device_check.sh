@@ -107,13 +107,14 @@ TAIL=50 step kernel_bw 170 bash -c "$PY benchmarks/kernel_bandwidth.py --block-m
   --shape 4096,32768,100 --shape 4096,32768,1000 --shape 16,8192,64 && \
   $PY benchmarks/profile_step.py --steps 30"
 
-# Nsight Compute on one launch of the staged CUDA kernel (4096 x 32768, bf16, shuffled
-# labels): what bounds it (memory, issue or latency), its occupancy and warp stalls.
+# Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels), flat and
+# group schedules (two launches each: launches 1 and 3 are the ones to read): what bounds
+# it (memory, issue or latency), its occupancy and warp stalls.
 if command -v ncu >/dev/null; then
-  TAIL=80 step ncu 120 ncu -k regex:shl_staged_kernel -c 1 --section SpeedOfLight \
+  TAIL=80 step ncu 120 ncu -k regex:shl_staged_kernel -c 4 --section SpeedOfLight \
     --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-    "$PY" benchmarks/kernel_bandwidth.py --kernels "cuda staged" --orders shuffled \
-    --shape 4096,32768,100 --repeats 1 --warmup 0
+    "$PY" benchmarks/kernel_bandwidth.py --kernels "cuda staged,cuda groups" \
+    --orders shuffled --shape 4096,32768,100 --repeats 1 --warmup 0
 else
   SUMMARY+=("$(printf '%-14s %-22s %5s' ncu "skipped: no ncu" -)")
 fi

@@ -518,6 +518,15 @@ def test_32_bit_positions_past_65536_labels(_staging):
 
 
 @needs_gpu
+def test_flat_schedule_falls_back_when_its_statistics_do_not_fit(_staging):
+    # fp32 rows of 40000 labels fit shared memory, not with the flat schedule's statistics
+    # of 5000 segments: the group schedule takes them.
+    p = _problem([8] * 4999 + [40000 - 8 * 4999], 3, torch.float32, seed=23, pos_p=0.001)
+    got, _ = _fused(p, "none")
+    _assert_matches(got, _reference(p, "none"), torch.float32, p.seg)
+
+
+@needs_gpu
 def test_identity_order_as_none():
     p = _problem(SIZES, 13, torch.float32, seed=9, identity=True)
     got, _ = _fused(p, "mean")
