@@ -52,15 +52,18 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
 
 
 def kernels(block_mins: list[int]) -> dict[str, Callable]:
-    """Kernel variants by name: "cuda staged" (flat schedule), "cuda staged/256t" (blocks of
-    256 threads: three rows per SM), "cuda groups" (the group schedule), "cuda groups/B"
-    (segments of >= B labels block-wide; "off": never): for choosing these on the device."""
+    """Kernel variants by name: "cuda staged" (flat schedule, cp.async staging), "cuda
+    staged/256t" (blocks of 256 threads: three rows per SM), "cuda staged/sync" (plain loads),
+    "cuda groups" (the group schedule), "cuda groups/B" (segments of >= B labels block-wide;
+    "off": never): for choosing these on the device."""
     out = {}
     if why_unavailable("cuda") is None:
         from shl_kernels.kernels_cuda import shl_fused_cuda
         out["cuda staged"] = partial(shl_fused_cuda, staged=True, flat=True)
         out["cuda staged/256t"] = partial(shl_fused_cuda, staged=True, flat=True,
                                           staged_threads=256)
+        out["cuda staged/sync"] = partial(shl_fused_cuda, staged=True, flat=True,
+                                          async_staging=False)
         out["cuda groups"] = partial(shl_fused_cuda, staged=True, flat=False)
         for b in block_mins:
             out[f"cuda groups/{'off' if b >= 1 << 40 else b}"] = partial(

@@ -93,10 +93,46 @@ const char* on_device_of(int device, const void* out, const char* not_device_msg
 // kernel<<<grid, block, smem, stream>>>(args...), and the block's dynamic shared memory
 // (the kernels' extern __shared__ array). Under SHL_CUDA_EMULATION (tests/cuda_emulator:
 // the .cu files built as host C++) both come from the emulator.
+// async_copy<N>(smem, gmem), async_commit(), async_wait<N>(): N-byte (4, 8, 16) copies from
+// global to shared memory that run while the thread goes on (cp.async, sm_80+), grouped by
+// commit; wait<N> returns once at most the N latest groups are still in flight. The copied
+// bytes are the issuing thread's to read after the wait (other threads: after a barrier).
 #ifdef SHL_CUDA_EMULATION
+using shl_emu::async_commit;
+using shl_emu::async_copy;
+using shl_emu::async_wait;
 using shl_emu::dynamic_smem;
 using shl_emu::launch_kernel;
 #else
+template <int N>
+__device__ __forceinline__ void async_copy(void* smem, const void* gmem) {
+  static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  if constexpr (N == 16)  // .cg: through L2 only (the row is read once)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(s), "l"(gmem), "n"(N)
+                 : "memory");
+#else  // older devices: a plain copy (the kernels are built for sm_80 and up)
+  struct alignas(N) Bytes { unsigned char b[N]; };
+  *static_cast<Bytes*>(smem) = *static_cast<const Bytes*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 template <class... Params, class... Args>
 inline void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem,
                           cudaStream_t stream, Args&&... args) {

@@ -48,6 +48,10 @@ struct ShlArgs {
   // cross shares), 0 the group schedule (block, warps and lanes take whole segments; uses
   // schedule and cuda_block_min). Never changes results beyond rounding.
   int cuda_flat = 1;
+  // CUDA only: staged rows of 2- and 4-byte z in 16-byte packs are copied in with cp.async,
+  // two packs ahead per thread and the next row's first packs during the current row's
+  // work, where shared memory has room (1, default), or with plain loads (0).
+  int cuda_async_staging = 1;
   // CUDA only, optional: the reductions a "mean"/"sum" loss needs, by a second launch on the
   // same stream (deterministic, fixed order), so that no torch op follows the kernel:
   // loss_total (0-dim acc) = sum of loss over rows; grad_eta_total ([m] acc, needs

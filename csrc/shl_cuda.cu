@@ -30,6 +30,7 @@
 // deterministic (staging sets bitmask bits with atomicOr, which is order-free).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -62,6 +63,8 @@ struct Params {
   A* grad_eta;
   int64_t C, B, m;
   int64_t block_min;  // segments of at least this many labels go to the whole block
+  int ring_offset;    // staged: where the asynchronous staging's ring is in dynamic shared
+                      // memory; -1: synchronous staging
   A scale;
 };
 
@@ -813,6 +816,27 @@ template <> struct UintOf<2> { using type = uint16_t; };
 template <> struct UintOf<4> { using type = uint32_t; };
 template <> struct UintOf<8> { using type = uint64_t; };
 
+// Pack q of a row (V elements: z bits, positive and ignored flags as V bytes, positions) into
+// zs in segment order: z for the negatives, -inf for ignored labels and positives, the
+// positives also set in pos_bits. Packs without flags (nearly all) take the short path.
+template <int V, class T, class Flags, class Pos>
+__device__ __forceinline__ void scatter_pack(const Pack<V, Bits<T>>& zv, Flags pv, Flags iv,
+                                             const Pack<V, Pos>& xv, bool mapped, int q,
+                                             Bits<T>* zs, uint32_t* pos_bits) {
+  const bool flagged = (pv | iv) != 0;
+#pragma unroll
+  for (int t = 0; t < V; ++t) {
+    const int p = mapped ? int(xv.v[t]) : q * V + t;
+    Bits<T> bits = zv.v[t];
+    if (flagged) {
+      const bool ign = (iv >> (8 * t)) & 0xff, pos = (pv >> (8 * t)) & 0xff;
+      if (ign || pos) bits = NegInfBits<T>::v;
+      if (pos && !ign) atomicOr(pos_bits + (p >> 5), 1u << (p & 31));
+    }
+    zs[p] = bits;
+  }
+}
+
 // Reads the row (coalesced) and scatters it into zs in segment order: z for the negatives,
 // -inf for ignored labels and positives, the positives also set in pos_bits (cleared
 // beforehand). Packs without flags (nearly all) take the short path.
@@ -843,19 +867,7 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, const Pos* posi
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
-      if (q >= n) continue;
-      const bool flagged = (pv[j] | iv[j]) != 0;
-#pragma unroll
-      for (int t = 0; t < V; ++t) {
-        const int p = position ? int(xv[j].v[t]) : q * V + t;
-        Bits<T> bits = zv[j].v[t];
-        if (flagged) {
-          const bool ign = (iv[j] >> (8 * t)) & 0xff, pos = (pv[j] >> (8 * t)) & 0xff;
-          if (ign || pos) bits = NegInfBits<T>::v;
-          if (pos && !ign) atomicOr(pos_bits + (p >> 5), 1u << (p & 31));
-        }
-        zs[p] = bits;
-      }
+      if (q < n) scatter_pack<V, T>(zv[j], pv[j], iv[j], xv[j], position != nullptr, q, zs, pos_bits);
     }
   }
 }
@@ -887,6 +899,71 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, const Pos* po
   }
 }
 
+// Asynchronous staging (16-byte packs of 2- and 4-byte z): each thread copies its packs of
+// the row (z and flags) into its own slots of a ring in shared memory with cp.async, kRing
+// packs ahead of the one it scatters, so that more of the row is in flight than registers
+// would hold; the first kRing packs of a block's next row are copied while the current row
+// computes. The thread reads only its own slots: no barrier. Positions are plain loads.
+constexpr int kRing = 2;
+
+template <int V, int NT, class T>
+struct Ring {
+  using Flags = typename UintOf<V>::type;
+  Pack<V, Bits<T>> z[kRing][NT];
+  Flags pos[kRing][NT], ign[kRing][NT];
+};
+
+template <int V, class T>
+__host__ __device__ constexpr bool async_staging_ok() { return V >= 4 && sizeof(T) <= 4; }  // cp.async: >= 4 B
+
+// Copies pack j (the thread's j-th: q = threadIdx.x + j NT) of the row at `base` into ring
+// slot j % kRing (nothing past the row); the caller commits.
+template <int V, int NT, class T, class A>
+__device__ __forceinline__ void ring_copy(const Params<T, A>& P, int64_t base, int n, int j,
+                                          Ring<V, NT, T>* ring) {
+  const int q = threadIdx.x + j * NT;
+  if (q >= n) return;
+  const int slot = j % kRing;
+  const int64_t c = base + int64_t(q) * V;
+  async_copy<16>(&ring->z[slot][threadIdx.x], reinterpret_cast<const Bits<T>*>(P.z) + c);
+  async_copy<V>(&ring->pos[slot][threadIdx.x], P.pos + c);
+  if (P.ign) async_copy<V>(&ring->ign[slot][threadIdx.x], P.ign + c);
+}
+
+// The first kRing packs of the row at `base` (the copies stage_row_async would start with).
+template <int V, int NT, class T, class A>
+__device__ __forceinline__ void ring_prefetch(const Params<T, A>& P, int64_t base, int C,
+                                              Ring<V, NT, T>* ring) {
+#pragma unroll
+  for (int j = 0; j < kRing; ++j) {
+    ring_copy<V, NT>(P, base, C / V, j, ring);
+    async_commit();
+  }
+}
+
+// stage_row through the ring; `prefetched`: ring_prefetch already copied the first packs.
+template <int V, int NT, class T, class A, class Pos>
+__device__ __forceinline__ void stage_row_async(const Params<T, A>& P, const Pos* position,
+                                                int64_t base, int C, T* zs_, uint32_t* pos_bits,
+                                                Ring<V, NT, T>* ring, bool prefetched) {
+  const int n = C / V;
+  Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
+  if (!prefetched) ring_prefetch<V, NT>(P, base, C, ring);
+  for (int j = 0, q = threadIdx.x; q < n; ++j, q += NT) {
+    Pack<V, Pos> xv;
+    if (position) xv = load_pack<V>(position + int64_t(q) * V);
+    async_wait<kRing - 1>();  // pack j is in (one group committed per pack)
+    const int slot = j % kRing;
+    const Pack<V, Bits<T>> zv = ring->z[slot][threadIdx.x];
+    const auto pv = ring->pos[slot][threadIdx.x];
+    const auto iv = P.ign ? ring->ign[slot][threadIdx.x] : decltype(pv)(0);
+    scatter_pack<V, T>(zv, pv, iv, xv, position != nullptr, q, zs, pos_bits);
+    ring_copy<V, NT>(P, base, n, j + kRing, ring);  // into the slot just read
+    async_commit();
+  }
+  async_wait<0>();  // (only empty groups can be left)
+}
+
 template <int V, int NT, bool Flat, class T, class A>
 __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
     shl_staged_kernel(const Params<T, A> P) {
@@ -908,10 +985,27 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
       if (P.offsets[k] == P.offsets[k + 1]) flat.any_empty = 1;
   }
   __syncthreads();
+  // The asynchronous staging's ring, when the host gave it room (Params::ring_offset).
+  Ring<V, NT, T>* ring = nullptr;
+  if constexpr (async_staging_ok<V, T>())
+    if (P.ring_offset >= 0) ring = reinterpret_cast<Ring<V, NT, T>*>(smem + P.ring_offset);
+  bool prefetched = false;
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     const int64_t base = row * P.C;
-    if (P.position16) stage_row<V, NT>(P, P.position16, base, C, zs, pos_bits);
-    else stage_row<V, NT>(P, P.position, base, C, zs, pos_bits);
+    if constexpr (async_staging_ok<V, T>()) {
+      if (ring) {
+        if (P.position16)
+          stage_row_async<V, NT>(P, P.position16, base, C, zs, pos_bits, ring, prefetched);
+        else
+          stage_row_async<V, NT>(P, P.position, base, C, zs, pos_bits, ring, prefetched);
+        prefetched = row + gridDim.x < P.B;
+        if (prefetched) ring_prefetch<V, NT>(P, base + int64_t(gridDim.x) * P.C, C, ring);
+      }
+    }
+    if (!ring) {
+      if (P.position16) stage_row<V, NT>(P, P.position16, base, C, zs, pos_bits);
+      else stage_row<V, NT>(P, P.position, base, C, zs, pos_bits);
+    }
     __syncthreads();
     const StagedRow<T, A> R{P, zs, pos_bits, base};
     if constexpr (Flat) row_loss_flat<NT>(P, R, row, range, stats, &flat, &scratch);
@@ -936,17 +1030,29 @@ inline int current_device() {
   return dev;
 }
 
-inline int smem_optin(int dev) {
+// Device attribute Attr of device dev, queried once per device (0 on error).
+template <cudaDeviceAttr Attr>
+inline int device_attr(int dev) {
   static PerDevice cache;
   int v = cache.get(dev);
   if (v == 0 && dev >= 0) {
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    if (cudaDeviceGetAttribute(&v, Attr, dev) != cudaSuccess) {
       cudaGetLastError();
       return 0;
     }
     cache.set(dev, v);
   }
   return v;
+}
+
+inline int smem_optin(int dev) {
+  return device_attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>(dev);
+}
+
+// The staged kernel's static shared memory (at most this; the 256-thread variant has less).
+template <class A>
+constexpr int64_t static_smem() {
+  return sizeof(BlockScratch<kStagedThreads, A>) + sizeof(FlatShared<kStagedThreads, A>) + 64;
 }
 
 // Dynamic shared memory the staged kernel needs for a row of C labels (with the flat
@@ -957,10 +1063,35 @@ int staged_bytes(const ShlArgs& a, bool flat) {
   if (!a.cuda_staging || (a.order && !a.position && !a.position16) || a.C >= INT_MAX) return 0;
   const int64_t bytes = staged_z_bytes<T>(a.C) + staged_bits_bytes(a.C) +
                         (flat ? flat_stats_bytes<A>(a.m) : 0);
-  // the kernel's static shared memory (at most this; the 256-thread variant has less)
-  const int64_t reserve =
-      sizeof(BlockScratch<kStagedThreads, A>) + sizeof(FlatShared<kStagedThreads, A>) + 64;
-  return bytes + reserve <= smem_optin(current_device()) ? static_cast<int>(bytes) : 0;
+  return bytes + static_smem<A>() <= smem_optin(current_device()) ? static_cast<int>(bytes) : 0;
+}
+
+// With room for the asynchronous staging's ring after `bytes` of dynamic shared memory
+// (sets P.ring_offset) where the ring fits without fewer blocks resident per SM than without
+// it (the staged kernel's launch bounds ask for 2 of 512 threads or 3 of 256): the bytes to
+// launch with, and in *grid the blocks to launch, cut to those resident at once: each block
+// then stages its next row while it works on the current one.
+template <int V, class T, class A>
+int with_ring(Params<T, A>& P, int bytes, int threads, unsigned* grid) {
+  P.ring_offset = -1;
+  if constexpr (!async_staging_ok<V, T>()) {
+    return bytes;
+  } else {
+    const bool small = threads == 256;
+    const int64_t ring = small ? sizeof(Ring<V, 256, T>) : sizeof(Ring<V, kStagedThreads, T>);
+    const int dev = current_device();
+    const int64_t per_sm = device_attr<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(dev);
+    const int64_t sms = device_attr<cudaDevAttrMultiProcessorCount>(dev);
+    const int64_t extra = static_smem<A>() + 1024;  // static, and the driver's 1 KB per block
+    const int64_t offset = (bytes + 15) / 16 * 16, with = offset + ring;
+    auto resident = [&](int64_t b) { return per_sm / (b + extra); };
+    const int64_t want = std::min<int64_t>(resident(bytes), small ? 3 : 2);
+    if (want < 1 || sms < 1 || with + static_smem<A>() > smem_optin(dev) || resident(with) < want)
+      return bytes;
+    P.ring_offset = static_cast<int>(offset);
+    *grid = static_cast<unsigned>(std::min<int64_t>(*grid, want * sms));
+    return static_cast<int>(with);
+  }
 }
 
 inline bool aligned(const void* p, int64_t n) {
@@ -1056,6 +1187,7 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   P.m = a.m;
   P.scale = static_cast<A>(a.grad_scale);
   P.block_min = a.cuda_block_min;
+  P.ring_offset = -1;
   const unsigned blocks = static_cast<unsigned>(a.B < INT_MAX ? a.B : INT_MAX);
   cudaError_t e = cudaSuccess;
   // Staged with the flat schedule where the row and the segments' statistics fit shared
@@ -1068,8 +1200,13 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
                      aligned(a.position16, 2 * V);
     const int nt = a.cuda_staged_threads;
     const bool flat = flat_bytes != 0;
-    e = vec ? launch_staged<V>(P, blocks, bytes, nt, flat, stream)
-            : launch_staged<1>(P, blocks, bytes, nt, flat, stream);
+    if (vec) {
+      unsigned grid = blocks;
+      const int total = a.cuda_async_staging ? with_ring<V>(P, bytes, nt, &grid) : bytes;
+      e = launch_staged<V>(P, grid, total, nt, flat, stream);
+    } else {
+      e = launch_staged<1>(P, blocks, bytes, nt, flat, stream);
+    }
   } else {
     launch_kernel(shl_fused_kernel<T, A>, blocks, kThreads, 0, stream, P);
   }

@@ -28,7 +28,8 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
            double grad_scale, const py::object& loss, const py::object& grad, const py::object& grad_eta,
            uintptr_t stream, const py::object& position, bool staged,
            const py::object& schedule, int64_t block_min, int staged_threads, bool flat,
-           const py::object& loss_total, const py::object& grad_eta_total) {
+           bool async_staging, const py::object& loss_total,
+           const py::object& grad_eta_total) {
   if (block_min < -1)
     throw py::value_error("block_min: expected -1 (the default) or a segment size >= 0");
   if (staged_threads != 0 && staged_threads != 256 && staged_threads != 512)
@@ -56,6 +57,7 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
   a.cuda_block_min = block_min;
   a.cuda_staged_threads = staged_threads;
   a.cuda_flat = flat ? 1 : 0;
+  a.cuda_async_staging = async_staging ? 1 : 0;
   const DType acc = a.z_dtype == DType::kF64 ? DType::kF64 : DType::kF32;
   const char* acc_name = a.z_dtype == DType::kF64 ? "float64" : "float32";
   if (!loss_total.is_none())
@@ -85,7 +87,8 @@ void register_cuda(py::module_& m) {
         py::arg("loss"), py::arg("grad"), py::arg("grad_eta"), py::arg("stream"),
         py::arg("position") = py::none(), py::arg("staged") = true,
         py::arg("schedule") = py::none(), py::arg("block_min") = -1,
-        py::arg("staged_threads") = 0, py::arg("flat") = true, py::arg("loss_total") = py::none(),
+        py::arg("staged_threads") = 0, py::arg("flat") = true, py::arg("async_staging") = true,
+        py::arg("loss_total") = py::none(),
         py::arg("grad_eta_total") = py::none(),
         "Fused SHL loss rows and gradients on CUDA (contract: csrc/shl_args.h); tensors as DLPack "
         "capsules, stream the cudaStream_t as an int; enqueued on that stream, not synchronised. "

@@ -41,6 +41,8 @@ STAGED_THREADS = int(os.environ.get("SHL_CUDA_STAGED_THREADS", "0"))
 # csrc/shl_cuda.cu) instead of the flat one (equal shares of each row per thread); kept to
 # compare the two on a GPU.
 FLAT = os.environ.get("SHL_CUDA_FLAT", "1") != "0"
+# SHL_CUDA_ASYNC=0: stage rows with plain loads instead of cp.async copies running ahead.
+ASYNC_STAGING = os.environ.get("SHL_CUDA_ASYNC", "1") != "0"
 
 # Tensors derived from order / offsets, per source tensor (the loss caches both per device on
 # the Segmentation, so the same tensors come back every step); dropped with the source.
@@ -100,7 +102,7 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                    need_grad_eta: bool, grad_out: torch.Tensor | None = None, *,
                    reduce: bool = False, staged: bool | None = None,
                    block_min: int | None = None, staged_threads: int | None = None,
-                   flat: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   flat: bool | None = None, async_staging: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """FusedKernel on CUDA tensors (see fused.FusedKernel); runs on z's current stream.
     reduce: return the loss summed over rows (0-dim) and grad_eta summed over rows ([m]),
     reduced on the device in the same call (fused.FusedSHL asks for it: no torch op then
@@ -108,11 +110,13 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
     `STAGED`); block_min: the smallest segment a whole block takes (default `BLOCK_MIN`);
     staged_threads: 512 or 256 threads per staged block (default `STAGED_THREADS`, 0 = 512);
     flat: the flat schedule of staged rows (default `FLAT`), else the group schedule, which
-    block_min tunes."""
+    block_min tunes; async_staging: copy staged rows in with cp.async where shared memory has
+    room (default `ASYNC_STAGING`)."""
     staged = STAGED if staged is None else staged
     block_min = BLOCK_MIN if block_min is None else block_min
     staged_threads = STAGED_THREADS if staged_threads is None else staged_threads
     flat = FLAT if flat is None else flat
+    async_staging = ASYNC_STAGING if async_staging is None else async_staging
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
     total = geta_total = None
     if reduce:
@@ -128,7 +132,7 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
         c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
         c(loss), c(grad), c(grad_eta), stream_handle(z.device),
         c(position), staged, c(segment_schedule(offsets)), block_min, staged_threads, flat,
-        c(total), c(geta_total))
+        async_staging, c(total), c(geta_total))
     if reduce:
         return total, grad, geta_total
     return loss, grad, grad_eta

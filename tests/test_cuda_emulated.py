@@ -70,7 +70,7 @@ def lib(tmp_path_factory):
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     so.shl_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, p, p,
                                       ctypes.c_double, p, p, p, p, ctypes.c_int, ctypes.c_int,
-                                      p, i64, ctypes.c_int, ctypes.c_int, p, p]
+                                      p, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p]
     d = ctypes.c_double
     so.elementwise_emulated_fused.restype = ctypes.c_char_p
     so.elementwise_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, p, ctypes.c_int,
@@ -84,7 +84,7 @@ def _ptr(t: torch.Tensor | None):
 
 def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, need_grad_eta,
                     grad_out=None, *, reduce=False, staged=True, block_min=-1, staged_threads=0,
-                    flat=True, position_bits=None):
+                    flat=True, position_bits=None, async_staging=True):
     """fused.FusedKernel over the emulated CUDA kernel (CPU tensors standing in for device
     memory); the same extra arguments as kernels_cuda.shl_fused_cuda."""
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
@@ -103,7 +103,8 @@ def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, 
         _ptr(ign), _ptr(order), _ptr(offsets), _ptr(w), _ptr(eta), _ptr(delta),
         float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position),
         0 if position is None else 8 * position.element_size(), int(staged),
-        _ptr(segment_schedule(offsets)), block_min, staged_threads, int(flat), _ptr(total),
+        _ptr(segment_schedule(offsets)), block_min, staged_threads, int(flat),
+        int(async_staging), _ptr(total),
         _ptr(geta_total))
     if err:
         raise RuntimeError(err.decode())
@@ -138,11 +139,13 @@ def _fused(so, p, reduction="mean", *, order=True, inplace=False, **kw):
 
 
 # staged with the flat schedule and 512 threads per block (default) or 256, staged with the
-# group schedule, staged with 32-bit positions (the default's are 16-bit at these sizes), or
-# the unstaged kernel
+# group schedule, staged with 32-bit positions (the default's are 16-bit at these sizes),
+# staged with plain loads instead of cp.async (where the row is vectorised), or the unstaged
+# kernel
 KERNELS = {"staged": {"staged": True}, "staged256": {"staged": True, "staged_threads": 256},
            "groups": {"staged": True, "flat": False},
            "position32": {"staged": True, "position_bits": 32},
+           "sync": {"staged": True, "async_staging": False},
            "unstaged": {"staged": False}}
 
 
@@ -189,6 +192,20 @@ def test_flat_share_boundaries(lib, kernel):
     p.ign[3, p.seg.order[[20, 400, 700]]] = False
     _assert_matches(_fused(lib, p, "none", **KERNELS[kernel]), _reference(p, "none"),
                     torch.float32, p.seg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_async_staging_across_rows(lib, dtype):
+    """Rows in 16-byte packs are copied in with cp.async (the emulator does a copy only at
+    the wait covering it: a read before would see poison), and the grid is cut to the
+    resident blocks (4 emulated SMs x 2): 21 rows make blocks of 2-3 rows, each staging its
+    next row's first packs while it works. The same numbers as plain loads, bitwise."""
+    p = _problem([500, 1, 300, 7, 200, 16], 21, dtype, seed=24)
+    want = _fused(lib, p, "none", async_staging=False)
+    got = _fused(lib, p, "none")
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    _assert_matches(got, _reference(p, "none"), dtype, p.seg)
 
 
 def test_flat_schedule_falls_back_when_its_statistics_do_not_fit(lib):

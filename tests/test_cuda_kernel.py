@@ -241,18 +241,20 @@ def test_binding_zero_rows_touches_nothing():
 
 # ---------------------------------------------------------------- GPU: against the reference
 
-@pytest.fixture(autouse=True, params=[(True, 0, True), (True, 256, True), (True, 0, False),
-                                      (False, 0, True)],
-                ids=["staged", "staged256", "groups", "unstaged"])
+@pytest.fixture(autouse=True, params=[(True, 0, True, True), (True, 256, True, True),
+                                      (True, 0, False, True), (True, 0, True, False),
+                                      (False, 0, True, True)],
+                ids=["staged", "staged256", "groups", "sync", "unstaged"])
 def _staging(request, monkeypatch):
     """Every GPU test runs with rows staged in shared memory (flat schedule, blocks of 512
-    threads and of 256; group schedule) and with the unstaged kernel; the fixture's value
-    says whether staged."""
+    threads and of 256; group schedule; plain loads instead of cp.async) and with the
+    unstaged kernel; the fixture's value says whether staged."""
     from shl_kernels import kernels_cuda
-    staged, threads, flat = request.param
+    staged, threads, flat, async_staging = request.param
     monkeypatch.setattr(kernels_cuda, "STAGED", staged)
     monkeypatch.setattr(kernels_cuda, "STAGED_THREADS", threads)
     monkeypatch.setattr(kernels_cuda, "FLAT", flat)
+    monkeypatch.setattr(kernels_cuda, "ASYNC_STAGING", async_staging)
     return staged
 
 
@@ -524,6 +526,16 @@ def test_flat_schedule_falls_back_when_its_statistics_do_not_fit(_staging):
     p = _problem([8] * 4999 + [40000 - 8 * 4999], 3, torch.float32, seed=23, pos_p=0.001)
     got, _ = _fused(p, "none")
     _assert_matches(got, _reference(p, "none"), torch.float32, p.seg)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_staging_across_rows(dtype, _staging):
+    # 16-byte packs (C = 4096): cp.async staging, and a grid cut to the resident blocks,
+    # each staging its next row while it works (1000 rows: several per block).
+    p = _problem([2000, 1, 1000, 95, 1000], 1000, dtype, seed=25)
+    got, _ = _fused(p, "mean")
+    _assert_matches(got, _reference(p, "mean"), dtype, p.seg)
 
 
 @needs_gpu

@@ -94,6 +94,37 @@ struct Block {
 
 inline thread_local Block* tl_block = nullptr;
 
+// cp.async: copies are queued per thread and done at the wait that covers their group, so a
+// read of the destination before that wait sees the old bytes (poison), as it may on a GPU.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+  uint64_t group;  // the commit group (tl_groups at issue: the next commit closes it)
+};
+inline thread_local std::vector<PendingCopy> tl_pending;
+inline thread_local uint64_t tl_groups = 0;  // groups committed so far
+
+template <int N>
+void async_copy(void* smem, const void* gmem) {
+  static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+  if (reinterpret_cast<uintptr_t>(smem) % N || reinterpret_cast<uintptr_t>(gmem) % N) {
+    std::fprintf(stderr, "CUDA emulation: cp.async of %d bytes from/to a misaligned address\n", N);
+    std::abort();
+  }
+  tl_pending.push_back({smem, gmem, N, tl_groups});
+}
+inline void async_commit() { ++tl_groups; }
+template <int N>
+void async_wait() {  // groups older than the N latest committed ones complete
+  std::vector<PendingCopy> left;
+  for (const PendingCopy& c : tl_pending) {
+    if (c.group + N < tl_groups) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+    else left.push_back(c);
+  }
+  tl_pending.swap(left);
+}
+
 }  // namespace shl_emu
 
 inline thread_local uint3 threadIdx, blockIdx;
@@ -190,7 +221,8 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess; }
 inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
-  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? shl_emu::kSmemOptin
+  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin       ? shl_emu::kSmemOptin
+       : attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? 233472  // sm_90: 228 KB
        : attr == cudaDevAttrMultiProcessorCount          ? 4
                                                          : 0;
   return cudaSuccess;
@@ -240,6 +272,10 @@ void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, siz
       for (unsigned b = 0; b < grid; ++b) {
         blockIdx = make_uint3(b, 0, 0);
         kernel(args...);
+        if (!tl_pending.empty()) {
+          std::fprintf(stderr, "CUDA emulation: a block ended with cp.async copies not waited for\n");
+          std::abort();
+        }
         between.wait("the end of a block");  // every thread done with this block
         if (t == 0) std::memset(blk.smem.get(), 0xA5, smem + 16);
         between.wait("the end of a block");

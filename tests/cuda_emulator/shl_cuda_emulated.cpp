@@ -10,7 +10,7 @@ extern "C" const char* shl_emulated_fused(
     const uint8_t* ign, const int64_t* order, const int64_t* offsets, const void* w,
     const void* eta, const void* delta, double grad_scale, void* loss, void* grad,
     void* grad_eta, const void* position, int position_bits, int staged, const int32_t* schedule,
-    int64_t block_min, int staged_threads, int flat, void* loss_total,
+    int64_t block_min, int staged_threads, int flat, int async_staging, void* loss_total,
     void* grad_eta_total) {
   shl::ShlArgs a;
   a.z = z;
@@ -36,6 +36,7 @@ extern "C" const char* shl_emulated_fused(
   a.cuda_block_min = block_min;
   a.cuda_staged_threads = staged_threads;
   a.cuda_flat = flat;
+  a.cuda_async_staging = async_staging;
   a.loss_total = loss_total;
   a.grad_eta_total = grad_eta_total;
   a.device = 0;
