@@ -677,17 +677,17 @@ __device__ void row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, i
     int k = r.k0, s0 = offset(k), s1 = offset(k + 1), ps = r.a;
     A eta = eta_of(k);
     X x = X::start(eta);
-    auto settle = [&](int pe) {  // the piece [ps, pe) of segment k is complete
+    // The piece [ps, pe) of segment k is complete and pe is where the segment ends: the
+    // segment is closed here, or it is the head. (Only the last piece can be the tail: kept
+    // out of the loop, the tail holds no registers there.)
+    auto settle = [&](int pe) {
       accumulate_positives(R, ps, pe, 0, 1, x);
-      const bool left = ps > s0, right = pe < s1;
-      if (!left && !right) {  // the whole segment is here
+      if (ps == s0) {  // the whole segment is here
         const Closed<A> c = close_segment(P, R, row, k, s0, s1, eta, x, true, LaneGroup{});
         stats[k] = c;
         acc += c.loss;
-      } else if (!right) {
-        head = x, head_k = k;
       } else {
-        tail = Carry<A>{x, left ? 0 : 1};
+        head = x, head_k = k;
       }
     };
 #pragma unroll 4
@@ -700,7 +700,12 @@ __device__ void row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, i
       }
       accumulate_one(R, p, x);
     }
-    settle(r.b);
+    if (r.b == s1) {
+      settle(r.b);
+    } else {
+      accumulate_positives(R, ps, r.b, 0, 1, x);
+      tail = Carry<A>{x, ps == s0 ? 1 : 0};
+    }
   }
   const Carry<A> before = scan_before<NT>(tail, sh);
   if (head_k >= 0) {  // close the segment begun before a
