@@ -761,8 +761,9 @@ __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, 
 // out coalesced through the same map. Global traffic is z, pos, ign read once and grad
 // written once, where the unstaged kernel gathers 2-byte elements at random (a 32-byte
 // sector per element). C is below 2^31 here (the row fits shared memory).
-// V elements per access: 16-byte loads and stores of z and grad when C % V == 0 and the
-// pointers are aligned (checked on the host), else V = 1; kUnroll accesses in flight per
+// V elements per access: 16-byte loads and stores of z and grad when the pointers are
+// aligned and either C % V == 0 or the asynchronous staging runs (checked on the host; see
+// RowSplit), else V = 1; kUnroll accesses in flight per
 // thread (a row is read in a few memory round trips, not one per 512 elements; one 16-byte
 // access at a time keeps the 16-byte variants within 64 registers: sm_90 ptxas spilled
 // with two). fp64 spills either way (a correctness path on GPUs).
@@ -821,17 +822,18 @@ template <> struct UintOf<2> { using type = uint16_t; };
 template <> struct UintOf<4> { using type = uint32_t; };
 template <> struct UintOf<8> { using type = uint64_t; };
 
-// Pack q of a row (V elements: z bits, positive and ignored flags as V bytes, positions) into
-// zs in segment order: z for the negatives, -inf for ignored labels and positives, the
-// positives also set in pos_bits. Packs without flags (nearly all) take the short path.
+// The V elements at row column c0 (z bits, positive and ignored flags as V bytes, their
+// positions) into zs in segment order: z for the negatives, -inf for ignored labels and
+// positives, the positives also set in pos_bits. Packs without flags (nearly all) take the
+// short path. `mapped`: xv holds the positions (else identity).
 template <int V, class T, class Flags, class Pos>
 __device__ __forceinline__ void scatter_pack(const Pack<V, Bits<T>>& zv, Flags pv, Flags iv,
-                                             const Pack<V, Pos>& xv, bool mapped, int q,
+                                             const Pack<V, Pos>& xv, bool mapped, int c0,
                                              Bits<T>* zs, uint32_t* pos_bits) {
   const bool flagged = (pv | iv) != 0;
 #pragma unroll
   for (int t = 0; t < V; ++t) {
-    const int p = mapped ? int(xv.v[t]) : q * V + t;
+    const int p = mapped ? int(xv.v[t]) : c0 + t;
     Bits<T> bits = zv.v[t];
     if (flagged) {
       const bool ign = (iv >> (8 * t)) & 0xff, pos = (pv >> (8 * t)) & 0xff;
@@ -842,11 +844,67 @@ __device__ __forceinline__ void scatter_pack(const Pack<V, Bits<T>>& zv, Flags p
   }
 }
 
-// Reads the row (coalesced) and scatters it into zs in segment order: z for the negatives,
-// -inf for ignored labels and positives, the positives also set in pos_bits (cleared
-// beforehand). Packs without flags (nearly all) take the short path.
-// Pos: the type of the position map (int32_t, or uint16_t for C <= 65536: half the reads);
-// position null: identity.
+// A row as a head of h single elements (up to where z[base + h] starts 16 bytes: z itself is
+// 16-byte aligned), n packs of V and a tail of fewer than V single elements, whatever C: the
+// asynchronous staging and the unstaging take rows of any length 16 bytes at a time (the
+// plain-load staging only rows of whole packs: with a head and tail it spilled registers).
+// V = 1: no head, no tail.
+struct RowSplit {
+  int h, n;
+};
+
+template <int V>
+__device__ __forceinline__ RowSplit row_split(int64_t base, int C) {
+  const int h = static_cast<int>((V - base % V) % V);
+  const int head = h < C ? h : C;
+  return {head, (C - head) / V};
+}
+
+// The positions of the V columns from c (16-byte loads when c is a multiple of V).
+template <int V, class Pos>
+__device__ __forceinline__ Pack<V, Pos> load_positions(const Pos* position, int64_t c) {
+  if (c % V == 0) return load_pack<V>(position + c);
+  Pack<V, Pos> x;
+#pragma unroll
+  for (int t = 0; t < V; ++t) x.v[t] = position[c + t];
+  return x;
+}
+
+// Column of the i-th element of the head and tail of a row split as r.
+__device__ __forceinline__ int edge_column(const RowSplit& r, int V, int i) {
+  return i < r.h ? i : r.h + r.n * V + (i - r.h);
+}
+
+// Stages the head and tail of the row (fewer than 2V elements) one element per thread.
+template <int V, int NT, class T, class A, class Pos>
+__device__ __forceinline__ void stage_edges(const Params<T, A>& P, const Pos* position,
+                                            int64_t base, int C, const RowSplit& r,
+                                            Bits<T>* zs, uint32_t* pos_bits) {
+  const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
+  for (int i = threadIdx.x; i < C - r.n * V; i += NT) {
+    const int c = edge_column(r, V, i);
+    Pack<1, Pos> xv;
+    if (position) xv.v[0] = position[c];
+    scatter_pack<1, T>(Pack<1, Bits<T>>{{z[base + c]}}, P.pos[base + c],
+                       P.ign ? P.ign[base + c] : uint8_t(0), xv, position != nullptr, c, zs,
+                       pos_bits);
+  }
+}
+
+template <int V, int NT, class T, class A, class Pos>
+__device__ __forceinline__ void unstage_edges(const Params<T, A>& P, const Pos* position,
+                                           int64_t base, int C, const RowSplit& r,
+                                           const Bits<T>* zs) {
+  Bits<T>* grad = reinterpret_cast<Bits<T>*>(P.grad);
+  for (int i = threadIdx.x; i < C - r.n * V; i += NT) {
+    const int c = edge_column(r, V, i);
+    grad[base + c] = zs[position ? int(position[c]) : c];
+  }
+}
+
+// Reads the row (coalesced) and scatters it into zs in segment order (see scatter_pack;
+// pos_bits cleared beforehand), C a multiple of V. Pos: the type of the position map
+// (int32_t, or uint16_t for C <= 65536: half the reads); position null: identity.
 template <int V, int NT, class T, class A, class Pos>
 __device__ __forceinline__ void stage_row(const Params<T, A>& P, const Pos* position,
                                           int64_t base, int C, T* zs_, uint32_t* pos_bits) {
@@ -872,7 +930,7 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, const Pos* posi
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
-      if (q < n) scatter_pack<V, T>(zv[j], pv[j], iv[j], xv[j], position != nullptr, q, zs, pos_bits);
+      if (q < n) scatter_pack<V, T>(zv[j], pv[j], iv[j], xv[j], position != nullptr, q * V, zs, pos_bits);
     }
   }
 }
@@ -881,34 +939,38 @@ template <int V, int NT, class T, class A, class Pos>
 __device__ __forceinline__ void unstage_row(const Params<T, A>& P, const Pos* position,
                                             int64_t base, int C, const T* zs_) {
   constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
-  const int n = C / V;
+  const RowSplit r = row_split<V>(base, C);
   const Bits<T>* zs = reinterpret_cast<const Bits<T>*>(zs_);
   Bits<T>* grad = reinterpret_cast<Bits<T>*>(P.grad);
-  for (int q0 = threadIdx.x; q0 < n; q0 += NT * kUnroll) {
+  for (int q0 = threadIdx.x; q0 < r.n; q0 += NT * kUnroll) {
     Pack<V, Bits<T>> gv[kUnroll];
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
-      if (q < n) {
+      if (q < r.n) {
+        const int c = r.h + q * V;
         Pack<V, Pos> xv;
-        if (position) xv = load_pack<V>(position + int64_t(q) * V);
+        if (position) xv = load_positions<V>(position, c);
 #pragma unroll
-        for (int t = 0; t < V; ++t) gv[j].v[t] = zs[position ? int(xv.v[t]) : q * V + t];
+        for (int t = 0; t < V; ++t) gv[j].v[t] = zs[position ? int(xv.v[t]) : c + t];
       }
     }
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
-      if (q < n) *reinterpret_cast<Pack<V, Bits<T>>*>(grad + base + int64_t(q) * V) = gv[j];
+      if (q < r.n)
+        *reinterpret_cast<Pack<V, Bits<T>>*>(grad + base + r.h + int64_t(q) * V) = gv[j];
     }
   }
+  if (V > 1) unstage_edges<V, NT>(P, position, base, C, r, zs);
 }
 
 // Asynchronous staging (16-byte packs of 2- and 4-byte z): each thread copies its packs of
 // the row (z and flags) into its own slots of a ring in shared memory with cp.async, kRing
 // packs ahead of the one it scatters, so that more of the row is in flight than registers
 // would hold; the first kRing packs of a block's next row are copied while the current row
-// computes. The thread reads only its own slots: no barrier. Positions are plain loads.
+// computes. The thread reads only its own slots: no barrier. Positions, the head and the
+// tail are plain loads.
 constexpr int kRing = 2;
 
 template <int V, int NT, class T>
@@ -921,15 +983,15 @@ struct Ring {
 template <int V, class T>
 __host__ __device__ constexpr bool async_staging_ok() { return V >= 4 && sizeof(T) <= 4; }  // cp.async: >= 4 B
 
-// Copies pack j (the thread's j-th: q = threadIdx.x + j NT) of the row at `base` into ring
-// slot j % kRing (nothing past the row); the caller commits.
+// Copies pack j (the thread's j-th: q = threadIdx.x + j NT) of the row at `base`, split as r,
+// into ring slot j % kRing (nothing past the row); the caller commits.
 template <int V, int NT, class T, class A>
-__device__ __forceinline__ void ring_copy(const Params<T, A>& P, int64_t base, int n, int j,
-                                          Ring<V, NT, T>* ring) {
+__device__ __forceinline__ void ring_copy(const Params<T, A>& P, int64_t base,
+                                          const RowSplit& r, int j, Ring<V, NT, T>* ring) {
   const int q = threadIdx.x + j * NT;
-  if (q >= n) return;
+  if (q >= r.n) return;
   const int slot = j % kRing;
-  const int64_t c = base + int64_t(q) * V;
+  const int64_t c = base + r.h + int64_t(q) * V;
   async_copy<16>(&ring->z[slot][threadIdx.x], reinterpret_cast<const Bits<T>*>(P.z) + c);
   async_copy<V>(&ring->pos[slot][threadIdx.x], P.pos + c);
   if (P.ign) async_copy<V>(&ring->ign[slot][threadIdx.x], P.ign + c);
@@ -939,9 +1001,10 @@ __device__ __forceinline__ void ring_copy(const Params<T, A>& P, int64_t base, i
 template <int V, int NT, class T, class A>
 __device__ __forceinline__ void ring_prefetch(const Params<T, A>& P, int64_t base, int C,
                                               Ring<V, NT, T>* ring) {
+  const RowSplit r = row_split<V>(base, C);
 #pragma unroll
   for (int j = 0; j < kRing; ++j) {
-    ring_copy<V, NT>(P, base, C / V, j, ring);
+    ring_copy<V, NT>(P, base, r, j, ring);
     async_commit();
   }
 }
@@ -951,22 +1014,24 @@ template <int V, int NT, class T, class A, class Pos>
 __device__ __forceinline__ void stage_row_async(const Params<T, A>& P, const Pos* position,
                                                 int64_t base, int C, T* zs_, uint32_t* pos_bits,
                                                 Ring<V, NT, T>* ring, bool prefetched) {
-  const int n = C / V;
+  const RowSplit r = row_split<V>(base, C);
   Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
   if (!prefetched) ring_prefetch<V, NT>(P, base, C, ring);
-  for (int j = 0, q = threadIdx.x; q < n; ++j, q += NT) {
+  for (int j = 0, q = threadIdx.x; q < r.n; ++j, q += NT) {
+    const int c = r.h + q * V;
     Pack<V, Pos> xv;
-    if (position) xv = load_pack<V>(position + int64_t(q) * V);
+    if (position) xv = load_positions<V>(position, c);
     async_wait<kRing - 1>();  // pack j is in (one group committed per pack)
     const int slot = j % kRing;
     const Pack<V, Bits<T>> zv = ring->z[slot][threadIdx.x];
     const auto pv = ring->pos[slot][threadIdx.x];
     const auto iv = P.ign ? ring->ign[slot][threadIdx.x] : decltype(pv)(0);
-    scatter_pack<V, T>(zv, pv, iv, xv, position != nullptr, q, zs, pos_bits);
-    ring_copy<V, NT>(P, base, n, j + kRing, ring);  // into the slot just read
+    scatter_pack<V, T>(zv, pv, iv, xv, position != nullptr, c, zs, pos_bits);
+    ring_copy<V, NT>(P, base, r, j + kRing, ring);  // into the slot just read
     async_commit();
   }
   async_wait<0>();  // (only empty groups can be left)
+  stage_edges<V, NT>(P, position, base, C, r, zs, pos_bits);
 }
 
 template <int V, int NT, bool Flat, class T, class A>
@@ -1200,16 +1265,20 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   const int flat_bytes = a.cuda_flat ? staged_bytes<T, A>(a, true) : 0;
   if (const int bytes = flat_bytes ? flat_bytes : staged_bytes<T, A>(a, false)) {
     constexpr int V = 16 / sizeof(T);
-    const bool vec = a.C % V == 0 && aligned(a.z, 16) && aligned(a.grad, 16) &&
-                     aligned(a.pos, V) && aligned(a.ign, V) && aligned(P.position, 4 * V) &&
-                     aligned(a.position16, 2 * V);
+    // 16-byte packs need aligned tensors; plain loads also whole packs per row (C a multiple
+    // of V), cp.async takes any C (a row's head and tail go one element at a time).
+    const bool aligned_inputs = aligned(a.z, 16) && aligned(a.grad, 16) && aligned(a.pos, V) &&
+                                aligned(a.ign, V) && aligned(P.position, 4 * V) &&
+                                aligned(a.position16, 2 * V);
     const int nt = a.cuda_staged_threads;
     const bool flat = flat_bytes != 0;
-    if (vec) {
-      unsigned grid = blocks;
-      const int total = a.cuda_async_staging ? with_ring<V>(P, bytes, nt, &grid) : bytes;
+    unsigned grid = blocks;
+    const int total = aligned_inputs && a.cuda_async_staging ? with_ring<V>(P, bytes, nt, &grid)
+                                                             : bytes;
+    if (aligned_inputs && (P.ring_offset >= 0 || a.C % V == 0)) {
       e = launch_staged<V>(P, grid, total, nt, flat, stream);
     } else {
+      P.ring_offset = -1;
       e = launch_staged<1>(P, blocks, bytes, nt, flat, stream);
     }
   } else {

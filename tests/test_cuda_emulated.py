@@ -194,13 +194,18 @@ def test_flat_share_boundaries(lib, kernel):
                     torch.float32, p.seg)
 
 
+@pytest.mark.parametrize("sizes", [[500, 1, 300, 7, 200, 16], [500, 1, 300, 7, 200, 19], [2, 3]],
+                         ids=["whole_packs", "head_and_tail", "tiny"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_async_staging_across_rows(lib, dtype):
+def test_async_staging_across_rows(lib, dtype, sizes):
     """Rows in 16-byte packs are copied in with cp.async (the emulator does a copy only at
     the wait covering it: a read before would see poison), and the grid is cut to the
     resident blocks (4 emulated SMs x 2): 21 rows make blocks of 2-3 rows, each staging its
-    next row's first packs while it works. The same numbers as plain loads, bitwise."""
-    p = _problem([500, 1, 300, 7, 200, 16], 21, dtype, seed=24)
+    next row's first packs while it works. With C = 1027 rows start at every offset from a
+    16-byte boundary (a head and a tail of single elements); C = 5 is all head and tail.
+    The same numbers as plain loads (one element at a time where C is not a multiple of
+    the pack), bitwise."""
+    p = _problem(sizes, 21, dtype, seed=24)
     want = _fused(lib, p, "none", async_staging=False)
     got = _fused(lib, p, "none")
     for a, b in zip(got, want, strict=True):

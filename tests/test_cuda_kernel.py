@@ -529,11 +529,13 @@ def test_flat_schedule_falls_back_when_its_statistics_do_not_fit(_staging):
 
 
 @needs_gpu
+@pytest.mark.parametrize("last", [1000, 1003], ids=["whole_packs", "head_and_tail"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_staging_across_rows(dtype, _staging):
-    # 16-byte packs (C = 4096): cp.async staging, and a grid cut to the resident blocks,
-    # each staging its next row while it works (1000 rows: several per block).
-    p = _problem([2000, 1, 1000, 95, 1000], 1000, dtype, seed=25)
+def test_staging_across_rows(dtype, last, _staging):
+    # 16-byte packs: cp.async staging, and a grid cut to the resident blocks, each staging its
+    # next row while it works (1000 rows: several per block); C = 4099: rows start at every
+    # offset from a 16-byte boundary (head and tail one element at a time).
+    p = _problem([2000, 1, 1000, 95, last], 1000, dtype, seed=25)
     got, _ = _fused(p, "mean")
     _assert_matches(got, _reference(p, "mean"), dtype, p.seg)
 
