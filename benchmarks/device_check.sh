@@ -101,10 +101,11 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 # Kernel-only time and bandwidth of every SHL kernel (CUDA staged with the flat schedule at
 # 512 and 256 threads, with plain loads instead of cp.async, with the group schedule
 # (block-wide segments from 1024 labels, the default; off; from 2048), unstaged; Triton), in shuffled and in segment order, against the
-# copy bandwidth, at 100 and 1000 segments and at B=16. (It measures the device copy
+# copy bandwidth, at 100 and 1000 segments, at C=8922 (not a multiple of 8: rows with a
+# head and a tail) and at B=16. (It measures the device copy
 # bandwidth first.) Then where the host time of a B=16 step goes, in the same log.
 TAIL=50 step kernel_bw 170 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,2048 \
-  --shape 4096,32768,100 --shape 4096,32768,1000 --shape 16,8192,64 && \
+  --shape 4096,32768,100 --shape 4096,32768,1000 --shape 2048,8922,300 --shape 16,8192,64 && \
   $PY benchmarks/profile_step.py --steps 30"
 
 # Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels), flat and
