@@ -3,7 +3,9 @@
 Compiles csrc/*.cu for one architecture with `ptxas -v` and prints, per kernel, registers
 per thread, spill bytes, static shared memory and, for the staged SHL kernel, how many
 blocks fit on an SM for a row of C labels (sm_90 limits: 64K registers, 228 KB shared
-memory, 1 KB of it reserved per block). A spill in the per-element loops costs local-memory
+memory, 1 KB of it reserved per block; the row and its bitmask only: the flat schedule's
+16 bytes per segment and the cp.async ring come on top, the ring only where it keeps as
+many blocks resident). A spill in the per-element loops costs local-memory
 traffic; fewer resident blocks leave memory idle while rows compute.
 Usage: python benchmarks/cuda_resources.py [--arch 90] [--C 32768]
 """
