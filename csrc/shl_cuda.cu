@@ -1039,7 +1039,7 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
     shl_staged_kernel(const Params<T, A> P) {
   unsigned char* smem = dynamic_smem();
   __shared__ BlockScratch<NT, A> scratch;
-  __shared__ FlatShared<NT, A> flat;  // (unused by the group schedule: a few KB)
+  __shared__ FlatShared<NT, A> flat;  // (the group schedule does not use it: dropped there)
   T* zs = reinterpret_cast<T*>(smem);
   uint32_t* pos_bits = reinterpret_cast<uint32_t*>(smem + staged_z_bytes<T>(P.C));
   Closed<A>* stats = reinterpret_cast<Closed<A>*>(smem + staged_z_bytes<T>(P.C) +
