@@ -157,4 +157,19 @@ struct PerDevice {
     if (dev >= 0 && dev < kMaxCachedDevices) v[dev].store(x, std::memory_order_relaxed);
   }
 };
+
+// Device attribute Attr of device dev, queried once per device (0 on error).
+template <cudaDeviceAttr Attr>
+inline int device_attr(int dev) {
+  static PerDevice cache;
+  int v = cache.get(dev);
+  if (v == 0 && dev >= 0) {
+    if (cudaDeviceGetAttribute(&v, Attr, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    cache.set(dev, v);
+  }
+  return v;
+}
 }  // namespace shl

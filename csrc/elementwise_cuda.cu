@@ -72,18 +72,11 @@ __global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a, ElemCoe
 
 template <DType ZT, ElemKind K>
 cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
-  static PerDevice sm_count;  // queried once per device (launches stay free of driver queries)
   int dev = 0;
   cudaGetDevice(&dev);
-  int sms = sm_count.get(dev);
-  if (sms == 0) {
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess) {
-      sm_count.set(dev, sms);
-    } else {
-      cudaGetLastError();
-      sms = 80;
-    }
-  }
+  // queried once per device (launches stay free of driver queries); 80 if the query fails
+  int sms = device_attr<cudaDevAttrMultiProcessorCount>(dev);
+  if (sms == 0) sms = 80;
   const ElemCoef<AccOf<ZT>> c(a.p);
   const bool long_rows = a.C >= 1024;
   const int64_t rows_per_block = long_rows ? 1 : kBlock / 32;

@@ -1100,21 +1100,6 @@ inline int current_device() {
   return dev;
 }
 
-// Device attribute Attr of device dev, queried once per device (0 on error).
-template <cudaDeviceAttr Attr>
-inline int device_attr(int dev) {
-  static PerDevice cache;
-  int v = cache.get(dev);
-  if (v == 0 && dev >= 0) {
-    if (cudaDeviceGetAttribute(&v, Attr, dev) != cudaSuccess) {
-      cudaGetLastError();
-      return 0;
-    }
-    cache.set(dev, v);
-  }
-  return v;
-}
-
 inline int smem_optin(int dev) {
   return device_attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>(dev);
 }
