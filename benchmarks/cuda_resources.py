@@ -38,12 +38,14 @@ _KINDS = {"0": "bce", "1": "focal", "2": "asl"}  # csrc/elementwise.h ElemKind
 
 
 def _pretty(mangled: str) -> str:
-    """shl_staged_kernel<V=8, 512 threads, flat, bf16>, elementwise_kernel<bf16, asl, 256> from a mangled name."""
+    """shl_staged_kernel<V=8, 512 threads, flat, bf16> (", windows" for the windowed kernel),
+    elementwise_kernel<bf16, asl, 256> from a mangled name."""
     if m := re.search(r"(shl_(?:staged|fused)_kernel)I(?:Li(\d+)E)?(?:Li(\d+)E)?(?:Lb(\d)E)?"
-                      r"(.*?)EEvNS", mangled):
-        kernel, vec, threads, flat, rest = m.groups()
+                      r"(?:Lb(\d)E)?(.*?)EEvNS", mangled):
+        kernel, vec, threads, flat, windows, rest = m.groups()
         dtype = next((v for k, v in _DTYPES.items() if rest.startswith(k)), rest)
         schedule = {"1": "flat, ", "0": "groups, "}.get(flat, "")
+        schedule += "windows, " if windows == "1" else ""
         return (f"{kernel}<{'V=' + vec + ', ' if vec else ''}"
                 f"{threads + ' threads, ' if threads else ''}{schedule}{dtype}>")
     if m := re.search(r"(elementwise_kernel)ILNS_5DTypeE(\d)ELNS_8ElemKindE(\d)ELi(\d+)E",
@@ -81,7 +83,7 @@ def ptxas_report(source: Path, arch: str = "90") -> list[Kernel]:
 def staged_blocks_per_sm(k: Kernel, C: int, smem_per_sm: int = 228 * 1024) -> tuple[int, int]:
     """(resident blocks per SM, dynamic shared memory) of the staged kernel for C labels."""
     dtype = k.name.split(", ")[-1].rstrip(">")
-    dyn = -(-C * _BYTES[dtype] // 16) * 16 + -(-C // 128) * 16  # z + positives' bits
+    dyn = -(-C * _BYTES[dtype] // 16) * 16 + (C + 31 + 127) // 128 * 16  # z + positives' bits
     threads = int(re.search(r"(\d+) threads", k.name).group(1))
     per_warp = -(-k.registers * 32 // 256) * 256  # registers are allocated per warp, by 256
     by_regs = 65536 // (per_warp * threads // 32)

@@ -104,8 +104,10 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 # copy bandwidth, at 100 and 1000 segments, at C=8922 (not a multiple of 8: rows with a
 # head and a tail) and at B=16. (It measures the device copy
 # bandwidth first.) Then where the host time of a B=16 step goes, in the same log.
-TAIL=50 step kernel_bw 170 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,2048 \
+TAIL=60 step kernel_bw 190 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,2048 \
   --shape 4096,32768,100 --shape 4096,32768,1000 --shape 2048,8922,300 --shape 16,8192,64 && \
+  $PY benchmarks/kernel_bandwidth.py --dtype float32 --shape 512,150000,300 --orders shuffled \
+  --kernels 'cuda staged,cuda unstaged,triton' --repeats 10 && \
   $PY benchmarks/profile_step.py --steps 30"
 
 # Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels), flat and

@@ -51,15 +51,20 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / cuda_ms(lambda: y.copy_(x)) / 1e6
 
 
-def kernels(block_mins: list[int]) -> dict[str, Callable]:
-    """Kernel variants by name: "cuda staged" (flat schedule, cp.async staging), "cuda
-    staged/256t" (blocks of 256 threads: three rows per SM), "cuda staged/sync" (plain loads),
-    "cuda groups" (the group schedule), "cuda groups/B" (segments of >= B labels block-wide;
-    "off": never): for choosing these on the device."""
+def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
+    """Kernel variants by name: "cuda staged" (flat schedule, cp.async staging; rows larger
+    than shared memory in windows), "cuda windows/2" (a row of `row_bytes` in shared memory
+    in windows of about half of it: what a window costs), "cuda staged/256t" (blocks of 256
+    threads: three rows per SM), "cuda staged/sync" (plain loads), "cuda groups" (the group
+    schedule), "cuda groups/B" (segments of >= B labels block-wide; "off": never): for
+    choosing these on the device."""
     out = {}
     if why_unavailable("cuda") is None:
         from shl_kernels.kernels_cuda import shl_fused_cuda
         out["cuda staged"] = partial(shl_fused_cuda, staged=True, flat=True)
+        if row_bytes:
+            out["cuda windows/2"] = partial(shl_fused_cuda, staged=True, flat=True,
+                                            window_bytes=row_bytes // 2 + 4096)
         out["cuda staged/256t"] = partial(shl_fused_cuda, staged=True, flat=True,
                                           staged_threads=256)
         out["cuda staged/sync"] = partial(shl_fused_cuda, staged=True, flat=True,
@@ -107,7 +112,7 @@ def main() -> None:
             order = None if seg.is_identity_order else seg.order.cuda()
             offsets = seg.offsets.cuda()
             nbytes = B * C * (2 * z.element_size() + 1)
-            for name, fn in kernels(block_mins).items():
+            for name, fn in kernels(block_mins, C * z.element_size()).items():
                 if wanted is not None and name not in wanted:
                     continue
                 call = partial(fn, z, pos.view(torch.uint8), None, order, offsets, w,

@@ -58,6 +58,14 @@ struct ShlArgs {
   // grad_eta) = sum of grad_eta over rows. Null = skip.
   void* loss_total = nullptr;
   void* grad_eta_total = nullptr;
+  // CUDA only, optional: a host copy of offsets ([m + 1], the same values). With it, rows
+  // too large for shared memory are staged in windows (consecutive segments that fit, the
+  // row read once per window; flat schedule only) instead of taking the unstaged kernel.
+  const int64_t* offsets_host = nullptr;
+  // CUDA only: at most this many bytes of shared memory for a staged row or window (its
+  // labels, bitmask and segment statistics); 0 = all the device allows. Smaller values make
+  // rows take windows (tests, comparisons).
+  int64_t cuda_window_bytes = 0;
 };
 
 // Returns nullptr on success, else a static error message.

@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "shl_args.h"
@@ -43,6 +44,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kSmall = 16;  // segments up to this size: one lane; larger: one warp
 constexpr unsigned kFull = 0xffffffffu;
+// A staged row too large for shared memory is done in at most this many windows (runs of
+// consecutive segments that fit): 64 windows of fp32 rows hold over 3 million labels.
+constexpr int kMaxWindows = 64;
 
 // z and grad may alias (in-place): no __restrict__ on them, so no read-only-cache loads.
 template <class T, class A>
@@ -66,6 +70,12 @@ struct Params {
   int ring_offset;    // staged: where the asynchronous staging's ring is in dynamic shared
                       // memory; -1: synchronous staging
   A scale;
+  // Staged: the row in n_windows windows, window w the segments [windows[w], windows[w + 1])
+  // (windows[0] = 0, windows[n_windows] = m); one window (the whole row) when it fits.
+  // window_labels: the longest window's labels (the bitmask has room for them).
+  int n_windows, window_labels;
+  int bits_offset;  // staged: where the bitmask is in dynamic shared memory
+  int32_t windows[kMaxWindows + 1];
 };
 
 
@@ -138,6 +148,10 @@ struct GlobalRow {
 // are marked in a bitmask (bit p of word p / 32) and their logits read from global memory
 // (intact until the row's gradient goes out). The gradient replaces z in zs. kSparse tells
 // segment() to take the positives from the bitmask.
+// zs[p] and bit p of pos_bits are position p of the row, also when only a window of the row
+// is staged (see Params::windows): then zs and pos_bits point before shared memory, by the
+// window's first position (bitmask: its word), so that the per-element passes index them as
+// for a whole row.
 template <class T, class A>
 struct StagedRow {
   using Index = int;
@@ -634,19 +648,31 @@ __device__ __forceinline__ int flat_share(int C) {
   return (q | 1) * kStep;
 }
 
-// A thread's range [a, b) of the flat schedule and the segment holding position a (first
-// of the segments with a label at or after a), the same for every row.
+// A window of a staged row: segments [k0, k1), positions [lo, hi).
+struct Window {
+  int k0, k1, lo, hi;
+};
+
+template <class T, class A>
+__device__ __forceinline__ Window window(const Params<T, A>& P, int w) {
+  const int k0 = P.windows[w], k1 = P.windows[w + 1];
+  return {k0, k1, static_cast<int>(P.offsets[k0]), static_cast<int>(P.offsets[k1])};
+}
+
+// A thread's range [a, b) of the flat schedule over window W and the segment holding
+// position a (first of the window's segments with a label at or after a), the same for
+// every row.
 struct FlatRange {
   int a, b, k0;
 };
 
 template <int NT, class T, class A>
-__device__ FlatRange flat_range(const Params<T, A>& P, int Q) {
-  const int C = static_cast<int>(P.C);
+__device__ FlatRange flat_range(const Params<T, A>& P, const Window& W) {
+  const int L = W.hi - W.lo, Q = flat_share<NT, T>(L);
   FlatRange r;
-  r.a = int(threadIdx.x) * Q < C ? int(threadIdx.x) * Q : C;
-  r.b = r.a + Q < C ? r.a + Q : C;
-  int lo = 0, hi = static_cast<int>(P.m) - 1;  // the first k with offsets[k + 1] > a
+  r.a = int(threadIdx.x) * Q < L ? W.lo + int(threadIdx.x) * Q : W.hi;
+  r.b = r.a + Q < W.hi ? r.a + Q : W.hi;
+  int lo = W.k0, hi = W.k1 - 1;  // the first k with offsets[k + 1] > a
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
     if (P.offsets[mid + 1] > r.a) hi = mid;
@@ -656,10 +682,13 @@ __device__ FlatRange flat_range(const Params<T, A>& P, int Q) {
   return r;
 }
 
+// The window W of the row (stats: an entry per segment of W); returns this thread's part of
+// the row loss (store_row_loss adds them up). The gradient is in zs after the caller's next
+// barrier.
 template <int NT, class T, class A>
-__device__ void row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, int64_t row,
-                              const FlatRange& r, Closed<A>* stats, FlatShared<NT, A>* sh,
-                              BlockScratch<NT, A>* scratch) {
+__device__ A row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, int64_t row,
+                           const Window& W, const FlatRange& r, Closed<A>* stats,
+                           FlatShared<NT, A>* sh) {
   using X = Part<A, int>;
   auto offset = [&](int k) { return static_cast<int>(P.offsets[k]); };
   auto eta_of = [&](int k) { return P.eta ? P.eta[k] : A(0); };
@@ -684,7 +713,7 @@ __device__ void row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, i
       accumulate_positives(R, ps, pe, 0, 1, x);
       if (ps == s0) {  // the whole segment is here
         const Closed<A> c = close_segment(P, R, row, k, s0, s1, eta, x, true, LaneGroup{});
-        stats[k] = c;
+        stats[k - W.k0] = c;
         acc += c.loss;
       } else {
         head = x, head_k = k;
@@ -713,35 +742,35 @@ __device__ void row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, i
     follow(h, before);
     const Closed<A> c = close_segment(P, R, row, head_k, offset(head_k), offset(head_k + 1),
                                       eta_of(head_k), h.x, true, LaneGroup{});
-    stats[head_k] = c;
+    stats[head_k - W.k0] = c;
     acc += c.loss;
   }
   __syncthreads();  // every segment's statistics are in `stats`
   // Pass 3, one loop over the range as pass 1; each piece's positives once it is written.
   if (r.a < r.b) {
     int k = r.k0, s1 = offset(k + 1), ps = r.a;
-    Closed<A> c = stats[k];
+    Closed<A> c = stats[k - W.k0];
 #pragma unroll 4
     for (int p = r.a; p < r.b; ++p) {
       if (p == s1) {
         positive_gradients(R, ps, p, 0, 1, c);
         do ++k; while (offset(k + 1) <= p);
         s1 = offset(k + 1), ps = p;
-        c = stats[k];
+        c = stats[k - W.k0];
       }
       gradient_one(R, p, c);
     }
     positive_gradients(R, ps, r.b, 0, 1, c);
   }
   if (sh->any_empty) {  // segments without labels: the null event alone
-    for (int j = threadIdx.x; j < P.m; j += NT) {
+    for (int j = W.k0 + threadIdx.x; j < W.k1; j += NT) {
       const int s0 = offset(j);
       if (offset(j + 1) != s0) continue;
       const A eta = eta_of(j);
       acc += close_segment(P, R, row, j, s0, s0, eta, X::start(eta), false, LaneGroup{}).loss;
     }
   }
-  store_row_loss<NT>(P, row, acc, scratch);
+  return acc;
 }
 
 // Unstaged: one block per row (grid-stride), positions gathered from global memory. The
@@ -798,9 +827,12 @@ __host__ __device__ constexpr int64_t staged_z_bytes(int64_t C) {
   return (C * int64_t(sizeof(T)) + 15) / 16 * 16;
 }
 
-// The positives' bitmask follows z in shared memory: bit p % 32 of word p / 32, in whole
-// 16-byte groups of words (cleared 16 bytes at a time).
-__host__ __device__ constexpr int64_t staged_bits_bytes(int64_t C) { return (C + 127) / 128 * 16; }
+// The positives' bitmask: bit p % 32 of word p / 32 (words counted from the first position
+// staged, rounded down to a word), in whole 16-byte groups of words (cleared 16 bytes at a
+// time): room for C + 31 bits, C labels starting anywhere in a word.
+__host__ __device__ constexpr int64_t staged_bits_bytes(int64_t C) {
+  return (C + 31 + 127) / 128 * 16;
+}
 
 template <int NT>
 __device__ __forceinline__ void clear_bits(uint32_t* bits, int C) {
@@ -822,18 +854,33 @@ template <> struct UintOf<2> { using type = uint16_t; };
 template <> struct UintOf<4> { using type = uint32_t; };
 template <> struct UintOf<8> { using type = uint64_t; };
 
+// Which positions a staging pass takes: all (a whole row; no test in the loops, which keep
+// the registers they had) or those of a window [lo, lo + L).
+struct AllPositions {
+  static constexpr bool kAll = true;
+  int lo = 0;
+  __device__ __forceinline__ bool operator()(int) const { return true; }
+};
+struct WindowPositions {
+  static constexpr bool kAll = false;
+  int lo, L;
+  __device__ __forceinline__ bool operator()(int p) const { return unsigned(p - lo) < unsigned(L); }
+};
+
 // The V elements at row column c0 (z bits, positive and ignored flags as V bytes, their
 // positions) into zs in segment order: z for the negatives, -inf for ignored labels and
 // positives, the positives also set in pos_bits. Packs without flags (nearly all) take the
-// short path. `mapped`: xv holds the positions (else identity).
-template <int V, class T, class Flags, class Pos>
+// short path. `mapped`: xv holds the positions (else identity). Only the positions `keep`
+// takes are staged (zs and pos_bits indexed by position, as in StagedRow).
+template <int V, class T, class Flags, class Pos, class Keep>
 __device__ __forceinline__ void scatter_pack(const Pack<V, Bits<T>>& zv, Flags pv, Flags iv,
                                              const Pack<V, Pos>& xv, bool mapped, int c0,
-                                             Bits<T>* zs, uint32_t* pos_bits) {
+                                             const Keep& keep, Bits<T>* zs, uint32_t* pos_bits) {
   const bool flagged = (pv | iv) != 0;
 #pragma unroll
   for (int t = 0; t < V; ++t) {
     const int p = mapped ? int(xv.v[t]) : c0 + t;
+    if (!keep(p)) continue;
     Bits<T> bits = zv.v[t];
     if (flagged) {
       const bool ign = (iv >> (8 * t)) & 0xff, pos = (pv >> (8 * t)) & 0xff;
@@ -876,38 +923,41 @@ __device__ __forceinline__ int edge_column(const RowSplit& r, int V, int i) {
 }
 
 // Stages the head and tail of the row (fewer than 2V elements) one element per thread.
-template <int V, int NT, class T, class A, class Pos>
+template <int V, int NT, class T, class A, class Pos, class Keep>
 __device__ __forceinline__ void stage_edges(const Params<T, A>& P, const Pos* position,
                                             int64_t base, int C, const RowSplit& r,
-                                            Bits<T>* zs, uint32_t* pos_bits) {
+                                            const Keep& keep, Bits<T>* zs, uint32_t* pos_bits) {
   const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
   for (int i = threadIdx.x; i < C - r.n * V; i += NT) {
     const int c = edge_column(r, V, i);
     Pack<1, Pos> xv;
     if (position) xv.v[0] = position[c];
     scatter_pack<1, T>(Pack<1, Bits<T>>{{z[base + c]}}, P.pos[base + c],
-                       P.ign ? P.ign[base + c] : uint8_t(0), xv, position != nullptr, c, zs,
-                       pos_bits);
+                       P.ign ? P.ign[base + c] : uint8_t(0), xv, position != nullptr, c, keep,
+                       zs, pos_bits);
   }
 }
 
-template <int V, int NT, class T, class A, class Pos>
+template <int V, int NT, class T, class A, class Pos, class Keep>
 __device__ __forceinline__ void unstage_edges(const Params<T, A>& P, const Pos* position,
-                                           int64_t base, int C, const RowSplit& r,
-                                           const Bits<T>* zs) {
+                                              int64_t base, int C, const RowSplit& r,
+                                              const Keep& keep, const Bits<T>* zs) {
   Bits<T>* grad = reinterpret_cast<Bits<T>*>(P.grad);
   for (int i = threadIdx.x; i < C - r.n * V; i += NT) {
     const int c = edge_column(r, V, i);
-    grad[base + c] = zs[position ? int(position[c]) : c];
+    const int p = position ? int(position[c]) : c;
+    if (keep(p)) grad[base + c] = zs[p];
   }
 }
 
-// Reads the row (coalesced) and scatters it into zs in segment order (see scatter_pack;
-// pos_bits cleared beforehand), C a multiple of V. Pos: the type of the position map
-// (int32_t, or uint16_t for C <= 65536: half the reads); position null: identity.
-template <int V, int NT, class T, class A, class Pos>
+// Reads the row (coalesced) and scatters the positions `keep` takes into zs in segment
+// order (see scatter_pack; pos_bits cleared beforehand), C a multiple of V. Pos: the type of
+// the position map (int32_t, or uint16_t for C <= 65536: half the reads); position null:
+// identity.
+template <int V, int NT, class T, class A, class Pos, class Keep>
 __device__ __forceinline__ void stage_row(const Params<T, A>& P, const Pos* position,
-                                          int64_t base, int C, T* zs_, uint32_t* pos_bits) {
+                                          int64_t base, int C, const Keep& keep, T* zs_,
+                                          uint32_t* pos_bits) {
   constexpr int kUnroll = V == 1 ? 3 : V == 2 ? 2 : 1;
   const int n = C / V;
   const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
@@ -930,39 +980,60 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, const Pos* posi
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
-      if (q < n) scatter_pack<V, T>(zv[j], pv[j], iv[j], xv[j], position != nullptr, q * V, zs, pos_bits);
+      if (q < n)
+        scatter_pack<V, T>(zv[j], pv[j], iv[j], xv[j], position != nullptr, q * V, keep, zs,
+                           pos_bits);
     }
   }
 }
 
-template <int V, int NT, class T, class A, class Pos>
+// Writes the gradient of the positions `keep` takes (in zs) to their columns of the row:
+// whole packs where every element is kept (always, for a whole row), else element by
+// element.
+template <int V, int NT, class T, class A, class Pos, class Keep>
 __device__ __forceinline__ void unstage_row(const Params<T, A>& P, const Pos* position,
-                                            int64_t base, int C, const T* zs_) {
+                                            int64_t base, int C, const Keep& keep,
+                                            const T* zs_) {
   constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
   const RowSplit r = row_split<V>(base, C);
   const Bits<T>* zs = reinterpret_cast<const Bits<T>*>(zs_);
   Bits<T>* grad = reinterpret_cast<Bits<T>*>(P.grad);
   for (int q0 = threadIdx.x; q0 < r.n; q0 += NT * kUnroll) {
     Pack<V, Bits<T>> gv[kUnroll];
+    unsigned in[kUnroll];  // bit t: element t is in the window
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
+      in[j] = 0;
       if (q < r.n) {
         const int c = r.h + q * V;
         Pack<V, Pos> xv;
         if (position) xv = load_positions<V>(position, c);
 #pragma unroll
-        for (int t = 0; t < V; ++t) gv[j].v[t] = zs[position ? int(xv.v[t]) : c + t];
+        for (int t = 0; t < V; ++t) {
+          const int p = position ? int(xv.v[t]) : c + t;
+          const bool inside = keep(p);
+          gv[j].v[t] = zs[inside ? p : keep.lo];
+          in[j] |= unsigned(inside) << t;
+        }
       }
     }
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
-      if (q < r.n)
-        *reinterpret_cast<Pack<V, Bits<T>>*>(grad + base + r.h + int64_t(q) * V) = gv[j];
+      Bits<T>* g = grad + base + r.h + int64_t(q) * V;
+      if constexpr (Keep::kAll) {
+        if (q < r.n) *reinterpret_cast<Pack<V, Bits<T>>*>(g) = gv[j];
+      } else if (in[j] == (1u << V) - 1) {
+        *reinterpret_cast<Pack<V, Bits<T>>*>(g) = gv[j];
+      } else if (in[j]) {
+#pragma unroll
+        for (int t = 0; t < V; ++t)
+          if ((in[j] >> t) & 1) g[t] = gv[j].v[t];
+      }
     }
   }
-  if (V > 1) unstage_edges<V, NT>(P, position, base, C, r, zs);
+  if (V > 1) unstage_edges<V, NT>(P, position, base, C, r, keep, zs);
 }
 
 // Asynchronous staging (16-byte packs of 2- and 4-byte z): each thread copies its packs of
@@ -1010,10 +1081,11 @@ __device__ __forceinline__ void ring_prefetch(const Params<T, A>& P, int64_t bas
 }
 
 // stage_row through the ring; `prefetched`: ring_prefetch already copied the first packs.
-template <int V, int NT, class T, class A, class Pos>
+template <int V, int NT, class T, class A, class Pos, class Keep>
 __device__ __forceinline__ void stage_row_async(const Params<T, A>& P, const Pos* position,
-                                                int64_t base, int C, T* zs_, uint32_t* pos_bits,
-                                                Ring<V, NT, T>* ring, bool prefetched) {
+                                                int64_t base, int C, const Keep& keep, T* zs_,
+                                                uint32_t* pos_bits, Ring<V, NT, T>* ring,
+                                                bool prefetched) {
   const RowSplit r = row_split<V>(base, C);
   Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
   if (!prefetched) ring_prefetch<V, NT>(P, base, C, ring);
@@ -1026,29 +1098,69 @@ __device__ __forceinline__ void stage_row_async(const Params<T, A>& P, const Pos
     const Pack<V, Bits<T>> zv = ring->z[slot][threadIdx.x];
     const auto pv = ring->pos[slot][threadIdx.x];
     const auto iv = P.ign ? ring->ign[slot][threadIdx.x] : decltype(pv)(0);
-    scatter_pack<V, T>(zv, pv, iv, xv, position != nullptr, c, zs, pos_bits);
+    scatter_pack<V, T>(zv, pv, iv, xv, position != nullptr, c, keep, zs, pos_bits);
     ring_copy<V, NT>(P, base, r, j + kRing, ring);  // into the slot just read
     async_commit();
   }
   async_wait<0>();  // (only empty groups can be left)
-  stage_edges<V, NT>(P, position, base, C, r, zs, pos_bits);
+  stage_edges<V, NT>(P, position, base, C, r, keep, zs, pos_bits);
 }
 
-template <int V, int NT, bool Flat, class T, class A>
+// Stages the positions `keep` takes of the row at `base` (zs, pos_bits indexed by position):
+// through the ring when there is one, else with plain loads.
+template <int V, int NT, class T, class A, class Keep>
+__device__ __forceinline__ void stage(const Params<T, A>& P, int64_t base, const Keep& keep,
+                                      T* zs, uint32_t* pos_bits, Ring<V, NT, T>* ring,
+                                      bool prefetched) {
+  const int C = static_cast<int>(P.C);
+  if constexpr (async_staging_ok<V, T>()) {
+    if (ring) {
+      if (P.position16)
+        stage_row_async<V, NT>(P, P.position16, base, C, keep, zs, pos_bits, ring, prefetched);
+      else
+        stage_row_async<V, NT>(P, P.position, base, C, keep, zs, pos_bits, ring, prefetched);
+      return;
+    }
+  }
+  if (P.position16) stage_row<V, NT>(P, P.position16, base, C, keep, zs, pos_bits);
+  else stage_row<V, NT>(P, P.position, base, C, keep, zs, pos_bits);
+}
+
+template <int V, int NT, class T, class A, class Keep>
+__device__ __forceinline__ void unstage(const Params<T, A>& P, int64_t base, const Keep& keep,
+                                        const T* zs) {
+  const int C = static_cast<int>(P.C);
+  if (P.position16) unstage_row<V, NT>(P, P.position16, base, C, keep, zs);
+  else unstage_row<V, NT>(P, P.position, base, C, keep, zs);
+}
+
+// The flat schedule's per-segment statistics, after the L labels staged at zs.
+template <class T, class A>
+__device__ __forceinline__ Closed<A>* stats_after(T* zs, int L) {
+  return reinterpret_cast<Closed<A>*>(reinterpret_cast<unsigned char*>(zs) + staged_z_bytes<T>(L));
+}
+
+// Windowed (flat schedule only): the row in P.n_windows windows, each a pass that reads
+// the row and stages, computes and writes the window's positions; a separate kernel, so
+// that the whole-row kernel keeps its registers (the windows' position tests spilled it).
+template <int V, int NT, bool Flat, bool Windowed, class T, class A>
 __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
     shl_staged_kernel(const Params<T, A> P) {
+  static_assert(Flat || !Windowed, "windows take the flat schedule");
+  using Keep = std::conditional_t<Windowed, WindowPositions, AllPositions>;
   unsigned char* smem = dynamic_smem();
   __shared__ BlockScratch<NT, A> scratch;
   __shared__ FlatShared<NT, A> flat;  // (the group schedule does not use it: dropped there)
+  // Dynamic shared memory: the window's labels (at the start: addressed without a base
+  // register), its segments' statistics (flat schedule), the bitmask (at bits_offset, after
+  // the labels and statistics of the largest window).
   T* zs = reinterpret_cast<T*>(smem);
-  uint32_t* pos_bits = reinterpret_cast<uint32_t*>(smem + staged_z_bytes<T>(P.C));
-  Closed<A>* stats = reinterpret_cast<Closed<A>*>(smem + staged_z_bytes<T>(P.C) +
-                                                  staged_bits_bytes(P.C));
-  const int C = static_cast<int>(P.C);
-  clear_bits<NT>(pos_bits, C);
+  uint32_t* pos_bits = reinterpret_cast<uint32_t*>(smem + P.bits_offset);
+  clear_bits<NT>(pos_bits, P.window_labels);
+  Window W = Windowed ? window(P, 0) : Window{0, static_cast<int>(P.m), 0, static_cast<int>(P.C)};
   FlatRange range{};
   if constexpr (Flat) {
-    range = flat_range<NT>(P, flat_share<NT, T>(C));
+    range = flat_range<NT>(P, W);
     if (threadIdx.x == 0) flat.any_empty = 0;
     __syncthreads();
     for (int k = threadIdx.x; k < P.m; k += NT)
@@ -1060,32 +1172,49 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
   if constexpr (async_staging_ok<V, T>())
     if (P.ring_offset >= 0) ring = reinterpret_cast<Ring<V, NT, T>*>(smem + P.ring_offset);
   bool prefetched = false;
+  const int passes = Windowed ? P.n_windows : 1;
+  Closed<A>* const row_stats = stats_after<T, A>(zs, W.hi - W.lo);  // (whole rows)
   for (int64_t row = blockIdx.x; row < P.B; row += gridDim.x) {
     const int64_t base = row * P.C;
-    if constexpr (async_staging_ok<V, T>()) {
-      if (ring) {
-        if (P.position16)
-          stage_row_async<V, NT>(P, P.position16, base, C, zs, pos_bits, ring, prefetched);
-        else
-          stage_row_async<V, NT>(P, P.position, base, C, zs, pos_bits, ring, prefetched);
-        prefetched = row + gridDim.x < P.B;
-        if (prefetched) ring_prefetch<V, NT>(P, base + int64_t(gridDim.x) * P.C, C, ring);
+    A acc = 0;  // this thread's part of the row loss (flat schedule)
+    for (int w = 0; w < passes; ++w) {
+      if constexpr (Windowed) {
+        W = window(P, w);
+        range = flat_range<NT>(P, W);
       }
+      const int L = W.hi - W.lo;
+      Keep keep;
+      if constexpr (Windowed) keep = WindowPositions{W.lo, L};
+      // Indexed by the row's positions (see StagedRow).
+      T* const zw = Windowed ? zs - W.lo : zs;
+      uint32_t* const bw = Windowed ? pos_bits - (W.lo >> 5) : pos_bits;
+      stage<V, NT>(P, base, keep, zw, bw, ring, prefetched);
+      if constexpr (async_staging_ok<V, T>()) {
+        if (ring) {  // the next pass over a row (this one's next window, or the block's next
+                     // row) starts copying while this one computes
+          const bool more = w + 1 < passes;
+          prefetched = more || row + gridDim.x < P.B;
+          if (prefetched)
+            ring_prefetch<V, NT>(P, more ? base : base + int64_t(gridDim.x) * P.C,
+                                 static_cast<int>(P.C), ring);
+        }
+      }
+      __syncthreads();
+      const StagedRow<T, A> R{P, zw, bw, base};
+      if constexpr (Flat) {
+        acc += row_loss_flat<NT>(P, R, row, W, range,
+                                 Windowed ? stats_after<T, A>(zs, L) : row_stats, &flat);
+        if (w + 1 == passes) store_row_loss<NT>(P, row, acc, &scratch);
+        else __syncthreads();
+      } else {
+        row_loss<NT>(P, R, row, &scratch);
+      }
+      // The pass ended with a barrier: the segments are done with pos_bits, cleared for the
+      // next pass while the gradient goes out.
+      unstage<V, NT>(P, base, keep, zw);
+      clear_bits<NT>(pos_bits, L);
+      __syncthreads();  // shared memory is restaged for the next pass
     }
-    if (!ring) {
-      if (P.position16) stage_row<V, NT>(P, P.position16, base, C, zs, pos_bits);
-      else stage_row<V, NT>(P, P.position, base, C, zs, pos_bits);
-    }
-    __syncthreads();
-    const StagedRow<T, A> R{P, zs, pos_bits, base};
-    if constexpr (Flat) row_loss_flat<NT>(P, R, row, range, stats, &flat, &scratch);
-    else row_loss<NT>(P, R, row, &scratch);
-    // The row ended with a barrier: the segments are done with pos_bits, cleared for the
-    // next row while the gradient goes out.
-    if (P.position16) unstage_row<V, NT>(P, P.position16, base, C, zs);
-    else unstage_row<V, NT>(P, P.position, base, C, zs);
-    clear_bits<NT>(pos_bits, C);
-    __syncthreads();  // shared memory is restaged for the next row
   }
 }
 
@@ -1110,15 +1239,70 @@ constexpr int64_t static_smem() {
   return sizeof(BlockScratch<kStagedThreads, A>) + sizeof(FlatShared<kStagedThreads, A>) + 64;
 }
 
-// Dynamic shared memory the staged kernel needs for a row of C labels (with the flat
-// schedule's per-segment statistics when `flat`), or 0 when it cannot run (staging off, an
-// order without its inverse, or more than the device allows).
+// Dynamic shared memory for a staged row or window (labels, bitmask, statistics): `room`,
+// or less where ShlArgs::cuda_window_bytes asks.
+inline int64_t window_room(const ShlArgs& a, int64_t room) {
+  return a.cuda_window_bytes > 0 ? std::min<int64_t>(room, a.cuda_window_bytes) : room;
+}
+
+// Whether rows can be staged at all (staging on, the inverse of any order given).
+inline bool can_stage(const ShlArgs& a) {
+  return a.cuda_staging && !(a.order && !a.position && !a.position16) && a.C < INT_MAX;
+}
+
+// Dynamic shared memory of L staged labels (the window, its bitmask) and, for the flat
+// schedule, the statistics of n segments.
 template <class T, class A>
-int staged_bytes(const ShlArgs& a, bool flat) {
-  if (!a.cuda_staging || (a.order && !a.position && !a.position16) || a.C >= INT_MAX) return 0;
-  const int64_t bytes = staged_z_bytes<T>(a.C) + staged_bits_bytes(a.C) +
-                        (flat ? flat_stats_bytes<A>(a.m) : 0);
-  return bytes + static_smem<A>() <= smem_optin(current_device()) ? static_cast<int>(bytes) : 0;
+constexpr int64_t window_bytes(int64_t L, int64_t n) {
+  return staged_bits_bytes(L) + staged_z_bytes<T>(L) + flat_stats_bytes<A>(n);
+}
+
+// Dynamic shared memory the staged kernel needs for a whole row of C labels (with the flat
+// schedule's per-segment statistics when `flat`), or 0 when it cannot run (staging off, an
+// order without its inverse, or more than the device (`optin` bytes per block) allows).
+template <class T, class A>
+int staged_bytes(const ShlArgs& a, bool flat, int64_t optin) {
+  if (!can_stage(a)) return 0;
+  const int64_t bytes = window_bytes<T, A>(a.C, flat ? a.m : 0);
+  return bytes <= window_room(a, optin - static_smem<A>()) ? static_cast<int>(bytes) : 0;
+}
+
+// A row too large for shared memory (`optin` bytes per block; flat schedule): windows of
+// consecutive segments, each as long as shared memory holds (its labels, bitmask and
+// segment statistics, with room left for the asynchronous staging's ring of NT threads when
+// it may run), taken greedily from the host copy of offsets, into P (n_windows, windows,
+// window_labels). Returns the dynamic shared memory to launch with, or 0
+// when there is no host copy, a segment alone does not fit or more than kMaxWindows windows
+// would be needed (unstaged kernel then).
+template <int V, int NT, class T, class A>
+int plan_windows(const ShlArgs& a, int64_t optin, Params<T, A>& P) {
+  const int64_t* off = a.offsets_host;
+  if (!off || !can_stage(a) || !a.cuda_flat || a.m < 1) return 0;
+  int64_t room = optin - static_smem<A>();
+  if constexpr (async_staging_ok<V, T>())
+    if (a.cuda_async_staging) room -= int64_t(sizeof(Ring<V, NT, T>)) + 16;
+  room = window_room(a, room);
+  // Each window's labels and statistics, then the bitmask with room for the longest window
+  // (it stays in place): planned with the bitmask of the longest window there can be.
+  const int64_t bits = staged_bits_bytes(room / int64_t(sizeof(T)));
+  auto fits = [&](int64_t L, int64_t segments) {
+    return bits + staged_z_bytes<T>(L) + flat_stats_bytes<A>(segments) <= room;
+  };
+  int n = 0;
+  int64_t labels = 0, rest = 0;  // the longest window; the most bytes before the bitmask
+  P.windows[0] = 0;
+  for (int64_t k = 0; k < a.m;) {
+    const int64_t k0 = k;
+    while (k < a.m && fits(off[k + 1] - off[k0], k + 1 - k0)) ++k;
+    if (k == k0 || n == kMaxWindows) return 0;
+    labels = std::max(labels, off[k] - off[k0]);
+    rest = std::max(rest, staged_z_bytes<T>(off[k] - off[k0]) + flat_stats_bytes<A>(k - k0));
+    P.windows[++n] = static_cast<int32_t>(k);
+  }
+  P.n_windows = n;
+  P.window_labels = static_cast<int>(labels);
+  P.bits_offset = static_cast<int>(rest);
+  return static_cast<int>(rest + staged_bits_bytes(labels));
 }
 
 // With room for the asynchronous staging's ring after `bytes` of dynamic shared memory
@@ -1153,21 +1337,21 @@ inline bool aligned(const void* p, int64_t n) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(n) == 0;  // null is aligned
 }
 
-// Lets shl_staged_kernel<V, NT, Flat, T, A> take `bytes` of dynamic shared memory: above 48 KiB a
+// Lets shl_staged_kernel<V, NT, Flat, Windowed, T, A> take `bytes` of dynamic shared memory: above 48 KiB a
 // kernel must opt in; the carveout hint asks for the largest shared-memory split so that two
 // blocks fit per SM (the driver may otherwise pick a split that fits only one). Done once
 // per device and size (then remembered: the attributes stay set).
-template <int V, int NT, bool Flat, class T, class A>
+template <int V, int NT, bool Flat, bool Windowed, class T, class A>
 cudaError_t prepare_staged(int bytes) {
   static PerDevice allowed;  // largest `bytes` prepared so far, per device
   const int dev = current_device();
   if (dev >= 0 && allowed.get(dev) >= bytes) return cudaSuccess;
   if (bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, T, A>,
+    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, Windowed, T, A>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e != cudaSuccess) return e;
   }
-  if (cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, T, A>,
+  if (cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, Windowed, T, A>,
                            cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     cudaGetLastError();  // only a hint
@@ -1175,22 +1359,23 @@ cudaError_t prepare_staged(int bytes) {
   return cudaSuccess;
 }
 
-template <int V, int NT, bool Flat, class T, class A>
+template <int V, int NT, bool Flat, bool Windowed, class T, class A>
 cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
-  const cudaError_t e = prepare_staged<V, NT, Flat, T, A>(bytes);
+  const cudaError_t e = prepare_staged<V, NT, Flat, Windowed, T, A>(bytes);
   if (e != cudaSuccess) return e;
-  launch_kernel(shl_staged_kernel<V, NT, Flat, T, A>, blocks, NT, bytes, stream, P);
+  launch_kernel(shl_staged_kernel<V, NT, Flat, Windowed, T, A>, blocks, NT, bytes, stream, P);
   return cudaSuccess;
 }
 
 template <int V, class T, class A>
 cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, int threads,
                           bool flat, cudaStream_t stream) {
+  if (P.n_windows > 1) return launch_staged<V, kStagedThreads, true, true>(P, blocks, bytes, stream);
   if (threads == 256)
-    return flat ? launch_staged<V, 256, true>(P, blocks, bytes, stream)
-                : launch_staged<V, 256, false>(P, blocks, bytes, stream);
-  return flat ? launch_staged<V, kStagedThreads, true>(P, blocks, bytes, stream)
-              : launch_staged<V, kStagedThreads, false>(P, blocks, bytes, stream);
+    return flat ? launch_staged<V, 256, true, false>(P, blocks, bytes, stream)
+                : launch_staged<V, 256, false, false>(P, blocks, bytes, stream);
+  return flat ? launch_staged<V, kStagedThreads, true, false>(P, blocks, bytes, stream)
+              : launch_staged<V, kStagedThreads, false, false>(P, blocks, bytes, stream);
 }
 
 // Resident blocks per SM of the staged kernel (16-byte variant) for rows of C labels.
@@ -1204,15 +1389,16 @@ const char* staged_occupancy(int64_t C, int* blocks_per_sm, int* bytes_out) {
   }
   ShlArgs a;
   a.C = C;
-  const int bytes = staged_bytes<T, A>(a, true);  // m = 0: the row alone
+  const int bytes = staged_bytes<T, A>(a, true, smem_optin(current_device()));  // the row alone
   *bytes_out = bytes;
   *blocks_per_sm = 0;
   if (!bytes) return nullptr;  // the row does not fit: unstaged kernel
   constexpr int V = 16 / sizeof(T);
-  cudaError_t e = prepare_staged<V, kStagedThreads, true, T, A>(bytes);
+  cudaError_t e = prepare_staged<V, kStagedThreads, true, false, T, A>(bytes);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        blocks_per_sm, shl_staged_kernel<V, kStagedThreads, true, T, A>, kStagedThreads, bytes);
+        blocks_per_sm, shl_staged_kernel<V, kStagedThreads, true, false, T, A>, kStagedThreads,
+        bytes);
   if (e != cudaSuccess) {
     cudaGetLastError();
     return cudaGetErrorString(e);
@@ -1243,23 +1429,38 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   P.scale = static_cast<A>(a.grad_scale);
   P.block_min = a.cuda_block_min;
   P.ring_offset = -1;
+  P.n_windows = 1;  // the whole row
+  P.window_labels = static_cast<int>(std::min<int64_t>(a.C, INT_MAX));
+  P.windows[0] = 0;
+  P.windows[1] = static_cast<int32_t>(std::min<int64_t>(a.m, INT_MAX));
   const unsigned blocks = static_cast<unsigned>(a.B < INT_MAX ? a.B : INT_MAX);
   cudaError_t e = cudaSuccess;
+  constexpr int V = 16 / sizeof(T);
+  const int64_t optin = smem_optin(current_device());
+  int nt = a.cuda_staged_threads;
   // Staged with the flat schedule where the row and the segments' statistics fit shared
-  // memory, else with the group schedule where the row fits, else unstaged.
-  const int flat_bytes = a.cuda_flat ? staged_bytes<T, A>(a, true) : 0;
-  if (const int bytes = flat_bytes ? flat_bytes : staged_bytes<T, A>(a, false)) {
-    constexpr int V = 16 / sizeof(T);
+  // memory, else with the group schedule where the row fits, else in windows (flat
+  // schedule), else unstaged.
+  int bytes = a.cuda_flat ? staged_bytes<T, A>(a, true, optin) : 0;
+  bool flat = bytes != 0;
+  if (!bytes) bytes = staged_bytes<T, A>(a, false, optin);
+  if (bytes) P.bits_offset = static_cast<int>(staged_z_bytes<T>(a.C) +
+                                             (flat ? flat_stats_bytes<A>(a.m) : 0));
+  if (!bytes) {
+    bytes = plan_windows<V, kStagedThreads>(a, optin, P);  // (windows: 512 threads)
+    flat = bytes != 0;
+    nt = kStagedThreads;
+  }
+  if (bytes) {
     // 16-byte packs need aligned tensors; plain loads also whole packs per row (C a multiple
     // of V), cp.async takes any C (a row's head and tail go one element at a time).
     const bool aligned_inputs = aligned(a.z, 16) && aligned(a.grad, 16) && aligned(a.pos, V) &&
                                 aligned(a.ign, V) && aligned(P.position, 4 * V) &&
                                 aligned(a.position16, 2 * V);
-    const int nt = a.cuda_staged_threads;
-    const bool flat = flat_bytes != 0;
     unsigned grid = blocks;
-    const int total = aligned_inputs && a.cuda_async_staging ? with_ring<V>(P, bytes, nt, &grid)
-                                                             : bytes;
+    const int total = aligned_inputs && a.cuda_async_staging
+                          ? with_ring<V>(P, bytes, nt, &grid)
+                          : bytes;
     if (aligned_inputs && (P.ring_offset >= 0 || a.C % V == 0)) {
       e = launch_staged<V>(P, grid, total, nt, flat, stream);
     } else {

@@ -29,7 +29,9 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
            uintptr_t stream, const py::object& position, bool staged,
            const py::object& schedule, int64_t block_min, int staged_threads, bool flat,
            bool async_staging, const py::object& loss_total,
-           const py::object& grad_eta_total) {
+           const py::object& grad_eta_total, const py::object& offsets_host, int64_t window_bytes) {
+  if (window_bytes < 0)
+    throw py::value_error("window_bytes: expected 0 (all the device allows) or a byte count > 0");
   if (block_min < -1)
     throw py::value_error("block_min: expected -1 (the default) or a segment size >= 0");
   if (staged_threads != 0 && staged_threads != 256 && staged_threads != 512)
@@ -68,6 +70,16 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
     a.grad_eta_total =
         detail::arg(grad_eta_total, "grad_eta_total", zv, false, acc, acc_name, {a.m}).data;
   }
+  if (!offsets_host.is_none()) {
+    const TensorView hv = view(offsets_host, "offsets_host");
+    if (!hv.on_cpu())
+      throw py::value_error("offsets_host: expected a CPU tensor (a host copy of offsets); "
+                            "pass offsets.cpu()");
+    check_dtype(hv, {DType::kI64}, "int64");
+    check_shape(hv, {a.m + 1});
+    a.offsets_host = hv.ptr<const int64_t>();
+  }
+  a.cuda_window_bytes = window_bytes;
   if (!schedule.is_none())
     a.schedule = detail::arg(schedule, "schedule", zv, false, DType::kI32, "int32", {a.m})
                      .ptr<const int32_t>();
@@ -89,7 +101,8 @@ void register_cuda(py::module_& m) {
         py::arg("schedule") = py::none(), py::arg("block_min") = -1,
         py::arg("staged_threads") = 0, py::arg("flat") = true, py::arg("async_staging") = true,
         py::arg("loss_total") = py::none(),
-        py::arg("grad_eta_total") = py::none(),
+        py::arg("grad_eta_total") = py::none(), py::arg("offsets_host") = py::none(),
+        py::arg("window_bytes") = 0,
         "Fused SHL loss rows and gradients on CUDA (contract: csrc/shl_args.h); tensors as DLPack "
         "capsules, stream the cudaStream_t as an int; enqueued on that stream, not synchronised. "
         "position (int32 [C], the inverse of order) lets rows that fit shared memory be staged "
@@ -99,7 +112,10 @@ void register_cuda(py::module_& m) {
         "done by the whole block. staged_threads: threads per block of the staged kernel (0: 512, "
         "or 256, which fits three rows per SM where they fit shared memory). loss_total (0-dim) and "
         "grad_eta_total ([m]), optional, receive the sums over rows of loss and grad_eta, by a "
-        "second launch (deterministic), so that a reduced loss needs no torch op after it.");
+        "second launch (deterministic), so that a reduced loss needs no torch op after it. "
+        "offsets_host (int64 [m + 1] on the CPU, the values of offsets) lets rows too large for "
+        "shared memory be staged in windows of whole segments; window_bytes (0 = as the device "
+        "allows) caps the shared memory of a staged row or window (tests, comparisons).");
   m.def(
       "cuda_staged_occupancy",
       [](const std::string& dtype, int64_t C) -> py::tuple {

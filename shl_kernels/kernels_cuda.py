@@ -96,13 +96,21 @@ def segment_schedule(offsets: torch.Tensor) -> torch.Tensor:
     return _cached(offsets, "schedule", _largest_first)
 
 
+def host_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of offsets (once per tensor: the loss passes the same one every step), from
+    which the kernel plans the windows of rows too large for shared memory."""
+    return _cached(offsets, "host", lambda o: o.cpu())
+
+
 def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                    order: torch.Tensor | None, offsets: torch.Tensor, w: torch.Tensor | None,
                    eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
                    need_grad_eta: bool, grad_out: torch.Tensor | None = None, *,
                    reduce: bool = False, staged: bool | None = None,
                    block_min: int | None = None, staged_threads: int | None = None,
-                   flat: bool | None = None, async_staging: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   flat: bool | None = None, async_staging: bool | None = None,
+                   window_bytes: int = 0,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """FusedKernel on CUDA tensors (see fused.FusedKernel); runs on z's current stream.
     reduce: return the loss summed over rows (0-dim) and grad_eta summed over rows ([m]),
     reduced on the device in the same call (fused.FusedSHL asks for it: no torch op then
@@ -111,7 +119,11 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
     staged_threads: 512 or 256 threads per staged block (default `STAGED_THREADS`, 0 = 512);
     flat: the flat schedule of staged rows (default `FLAT`), else the group schedule, which
     block_min tunes; async_staging: copy staged rows in with cp.async where shared memory has
-    room (default `ASYNC_STAGING`)."""
+    room (default `ASYNC_STAGING`); window_bytes: at most this many bytes of shared memory for
+    a staged row or window (0: as the device allows; less makes rows take windows, tests).
+    Rows too large for shared memory are staged in windows of whole segments with the flat
+    schedule (the row read once per window), else (a segment alone too large, or more than
+    64 windows) gathered by the unstaged kernel."""
     staged = STAGED if staged is None else staged
     block_min = BLOCK_MIN if block_min is None else block_min
     staged_threads = STAGED_THREADS if staged_threads is None else staged_threads
@@ -132,7 +144,8 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
         c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
         c(loss), c(grad), c(grad_eta), stream_handle(z.device),
         c(position), staged, c(segment_schedule(offsets)), block_min, staged_threads, flat,
-        async_staging, c(total), c(geta_total))
+        async_staging, c(total), c(geta_total), c(host_offsets(offsets)) if staged else None,
+        window_bytes)
     if reduce:
         return total, grad, geta_total
     return loss, grad, grad_eta

@@ -25,6 +25,7 @@ from test_cuda_kernel import (
     _problem,
     _reference,
     block_wide_problem,
+    tight_window_bytes,
 )
 
 from shl_kernels.fused import FusedSHL, kernel_outputs
@@ -70,8 +71,10 @@ def lib(tmp_path_factory):
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     so.shl_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, p, p,
                                       ctypes.c_double, p, p, p, p, ctypes.c_int, ctypes.c_int,
-                                      p, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p]
+                                      p, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p,
+                                      ctypes.c_int, i64]
     d = ctypes.c_double
+    so.emulated_take_max_smem.restype = ctypes.c_int64
     so.elementwise_emulated_fused.restype = ctypes.c_char_p
     so.elementwise_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, p, ctypes.c_int,
                                               d, d, d, d, d, d, ctypes.c_int, d, p, p, p]
@@ -84,9 +87,13 @@ def _ptr(t: torch.Tensor | None):
 
 def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, need_grad_eta,
                     grad_out=None, *, reduce=False, staged=True, block_min=-1, staged_threads=0,
-                    flat=True, position_bits=None, async_staging=True):
+                    flat=True, position_bits=None, async_staging=True, window_bytes=0,
+                    windows=True):
     """fused.FusedKernel over the emulated CUDA kernel (CPU tensors standing in for device
-    memory); the same extra arguments as kernels_cuda.shl_fused_cuda."""
+    memory); the same extra arguments as kernels_cuda.shl_fused_cuda (window_bytes="tight":
+    tight_window_bytes), and windows=False to withhold the host offsets (no windows)."""
+    if window_bytes == "tight":
+        window_bytes = tight_window_bytes(offsets, z.dtype)
     loss, grad, grad_eta = kernel_outputs(z, offsets, need_grad_eta, grad_out)
     total = torch.empty((), dtype=loss.dtype) if reduce else None
     geta_total = (torch.empty(grad_eta.shape[1], dtype=loss.dtype)
@@ -104,8 +111,7 @@ def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, 
         float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position),
         0 if position is None else 8 * position.element_size(), int(staged),
         _ptr(segment_schedule(offsets)), block_min, staged_threads, int(flat),
-        int(async_staging), _ptr(total),
-        _ptr(geta_total))
+        int(async_staging), _ptr(total), _ptr(geta_total), int(windows), window_bytes)
     if err:
         raise RuntimeError(err.decode())
     return (total, grad, geta_total) if reduce else (loss, grad, grad_eta)
@@ -140,12 +146,13 @@ def _fused(so, p, reduction="mean", *, order=True, inplace=False, **kw):
 
 # staged with the flat schedule and 512 threads per block (default) or 256, staged with the
 # group schedule, staged with 32-bit positions (the default's are 16-bit at these sizes),
-# staged with plain loads instead of cp.async (where the row is vectorised), or the unstaged
-# kernel
+# staged with plain loads instead of cp.async (where the row is vectorised), staged in
+# windows of a few segments (as rows too large for shared memory are), or the unstaged kernel
 KERNELS = {"staged": {"staged": True}, "staged256": {"staged": True, "staged_threads": 256},
            "groups": {"staged": True, "flat": False},
            "position32": {"staged": True, "position_bits": 32},
            "sync": {"staged": True, "async_staging": False},
+           "windows": {"staged": True, "window_bytes": "tight"},
            "unstaged": {"staged": False}}
 
 
@@ -220,6 +227,89 @@ def test_flat_schedule_falls_back_when_its_statistics_do_not_fit(lib):
     sizes = [8] * 4999 + [40000 - 8 * 4999]
     p = _problem(sizes, 2, torch.float32, seed=23, pos_p=0.001)
     _assert_matches(_fused(lib, p, "none"), _reference(p, "none"), torch.float32, p.seg)
+
+
+@pytest.mark.parametrize("variant", [{}, {"async_staging": False}, {"staged_threads": 256},
+                                     {"inplace": True}],
+                         ids=["async", "sync", "256threads", "inplace"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_windows(lib, dtype, variant):
+    """Rows of 1600 labels (a multiple of every pack: plain loads take 16 bytes too) in
+    windows of a few segments (window_bytes: a window holds at most 340 labels): the row is
+    read once per window, each window's positions staged and their gradients written,
+    packs of the gradient split between windows element by element; segments of one label,
+    of 300 (several positives in row 3); ring copies of the next window of the same row while
+    a window computes (async; in place: the gradient of the window before is already written
+    over z). Results as the whole row staged at once and as the reference."""
+    sizes = [3, 300, 1, 1, 40, 120, 250, 7, 300, 16, 200, 62, 300]
+    assert sum(sizes) == 1600
+    p = _problem(sizes, 11, dtype, seed=31)
+    p.pos[3, p.seg.order[[5, 100, 250]]] = True
+    p.ign[3, p.seg.order[[5, 100, 250]]] = False
+    win = (340 * dtype.itemsize + 15) // 16 * 16 + 3 * 16 + 8 * 16
+    inplace = variant.get("inplace", False)
+    kw = {k: v for k, v in variant.items() if k != "inplace"}
+    lib.emulated_take_max_smem()
+    got = _fused(lib, p, "none", window_bytes=win, inplace=inplace, **kw)
+    smem = lib.emulated_take_max_smem()  # the window's (and the ring's, with cp.async)
+    assert 0 < smem and (smem <= win or kw.get("async_staging", True))
+    whole = _fused(lib, p, "none", **kw)
+    for a, b in zip(got, whole, strict=True):  # segments crossing shares add up differently
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_matches(got, _reference(p, "none"), dtype, p.seg)
+
+
+def test_windows_with_empty_segments(lib):
+    """Empty segments (only raw offsets have them) at the start, inside and at the end of
+    windows add nothing: the null event alone, loss 0, eta gradient 0. The windowed kernel
+    with them gives the results of the kernel without them."""
+    sizes = [3, 300, 1, 1, 40, 120, 250, 7, 300, 16, 200, 62, 300]
+    p = _problem(sizes, 5, torch.float32, seed=34)
+    args = (p.z, p.pos.to(torch.uint8), p.ign.to(torch.uint8), p.seg.order)
+    base = emulated_kernel(lib, *args, p.seg.offsets, p.w, p.eta, p.delta, 1.0, True)
+    empty_before = [0, 3, 8, 11, 13]  # new empty segments go before these segment ids
+    keep = [k + sum(e <= k for e in empty_before) for k in range(len(sizes))]
+    offsets = p.seg.offsets.tolist()
+    for k in reversed(empty_before):
+        offsets.insert(k, offsets[k])
+    eta = torch.zeros(len(offsets) - 1)
+    eta[keep] = p.eta
+    win = 340 * 4 + 3 * 16 + 8 * 16
+    loss, grad, geta = emulated_kernel(lib, *args, torch.tensor(offsets), p.w, eta, p.delta,
+                                       1.0, True, window_bytes=win)
+    torch.testing.assert_close(loss, base[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, base[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(geta[:, keep], base[2], rtol=1e-5, atol=1e-6)
+    empty = [k for k in range(len(offsets) - 1) if k not in keep]
+    assert torch.equal(geta[:, empty], torch.zeros(5, len(empty)))
+
+
+@pytest.mark.parametrize("why", ["segment_too_large", "too_many_windows", "no_host_offsets"])
+def test_windows_not_possible_fall_back_to_unstaged(lib, why):
+    """Rows that cannot take windows (a segment alone larger than a window; more than 64
+    windows; no host copy of offsets) are gathered by the unstaged kernel: same results."""
+    sizes = [30] * 100 if why == "too_many_windows" else [10, 400, 20, 70]
+    p = _problem(sizes, 4, torch.float32, seed=32)
+    win = 200 * 4 + 2 * 16 + 4 * 16  # 200 labels
+    kw = {"windows": False} if why == "no_host_offsets" else {}
+    lib.emulated_take_max_smem()
+    got = _fused(lib, p, "none", window_bytes=40 * 4 + 16 + 16 if why == "too_many_windows"
+                 else win, **kw)
+    assert lib.emulated_take_max_smem() == 0  # unstaged
+    _assert_matches(got, _reference(p, "none"), torch.float32, p.seg)
+
+
+def test_rows_larger_than_shared_memory(lib):
+    """fp32 rows of 70000 labels (280 KB: more than the emulated device's 227 KB per block)
+    take two windows of the device's own size (with room for the asynchronous staging's
+    ring): the launch stays within the device's shared memory (an emulated launch asking for
+    more aborts) and matches the reference."""
+    sizes = [5000] * 10 + [50, 1] * 300 + [70000 - 50000 - 51 * 300]
+    p = _problem(sizes, 2, torch.float32, seed=33, pos_p=0.0005)
+    lib.emulated_take_max_smem()
+    got = _fused(lib, p, "none")
+    assert 150_000 < lib.emulated_take_max_smem() <= 232448  # staged, in windows
+    _assert_matches(got, _reference(p, "none"), torch.float32, p.seg)
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

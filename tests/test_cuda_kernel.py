@@ -1,6 +1,7 @@
 """The CUDA fused kernel (csrc/shl_cuda.cu): binding checks run anywhere the extension was
 built with CUDA; numerical tests need a GPU and compare with the PyTorch reference."""
 import ctypes
+import functools
 import itertools
 import math
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from shl_kernels.backends import native
 from shl_kernels.fused import FusedSHL
 from shl_kernels.kernels_cuda import (
     cuda_available,
+    host_offsets,
     segment_position,
     segment_schedule,
     shl_fused_cuda,
@@ -176,6 +178,26 @@ def test_binding_checks_row_sum_outputs():
 
 
 @needs_build
+def test_binding_checks_host_offsets_and_window_bytes():
+    with pytest.raises(ValueError, match="^window_bytes: "):
+        _call_binding(_binding_args(window_bytes=-1))
+    with pytest.raises(ValueError, match="^offsets_host: expected a CPU tensor"):
+        _call_binding(_binding_args(offsets_host=torch.tensor([0, 2, 5])))  # on the "GPU"
+    with pytest.raises(TypeError, match="^offsets_host: "):
+        _call_binding(_binding_args(offsets_host=torch.tensor([0, 2, 5], dtype=torch.int32)),
+                      cpu=("offsets_host",))
+    with pytest.raises(ValueError, match="^offsets_host: expected shape"):
+        _call_binding(_binding_args(offsets_host=torch.tensor([0, 5])), cpu=("offsets_host",))
+
+
+def test_host_offsets_is_a_cached_cpu_copy():
+    offsets = torch.tensor([0, 2, 5])
+    host = host_offsets(offsets)
+    assert host.device.type == "cpu" and torch.equal(host, offsets)
+    assert host_offsets(offsets) is host
+
+
+@needs_build
 def test_binding_rejects_position_without_order():
     with pytest.raises(ValueError, match="^position: given without order"):
         _call_binding(_binding_args(order=None, position=torch.arange(5, dtype=torch.int32)))
@@ -286,14 +308,29 @@ def _problem(sizes, B, dtype, seed, *, identity=False, pos_p=0.15, ign_p=0.1, sc
         delta=(torch.randn(C, generator=gen, dtype=torch.float64) * 0.5).to(acc))
 
 
-def _fused(p, reduction="mean", *, inplace=False, order=True, upstream=None, params=True):
+def tight_window_bytes(offsets: torch.Tensor, dtype: torch.dtype) -> int:
+    """Shared memory for a window of the largest segment and about 40 more labels (and the
+    statistics of 8 segments): small enough that rows of a few hundred labels take windows
+    (the window_bytes argument of shl_fused_cuda)."""
+    labels = int((offsets[1:] - offsets[:-1]).max()) + 40
+    acc = 8 if dtype == torch.float64 else 4
+    z_bytes = (labels * dtype.itemsize + 15) // 16 * 16
+    return z_bytes + (labels + 31 + 127) // 128 * 16 + 8 * 4 * acc
+
+
+def _fused(p, reduction="mean", *, inplace=False, order=True, upstream=None, params=True,
+           window_bytes=0):
     """Loss and (z, eta, delta) gradients from FusedSHL with the CUDA kernel."""
     z = p.z.to(DEV).clone().requires_grad_()
     eta = p.eta.to(DEV).requires_grad_() if params else None
     delta = p.delta.to(DEV).requires_grad_() if params else None
     w = p.w.to(DEV) if params else None
     ign = p.ign.to(DEV, torch.uint8) if params else None
-    loss = FusedSHL.apply(shl_fused_cuda, z, p.pos.to(DEV, torch.uint8), ign,
+    kernel = shl_fused_cuda
+    if window_bytes:
+        kernel = functools.partial(shl_fused_cuda, window_bytes=window_bytes)
+        kernel.reduces = True
+    loss = FusedSHL.apply(kernel, z, p.pos.to(DEV, torch.uint8), ign,
                           p.seg.order.to(DEV) if order else None, p.seg.offsets.to(DEV), w, eta,
                           delta, reduction, inplace)
     inputs = [t for t in (z, eta, delta) if t is not None]
@@ -536,6 +573,35 @@ def test_staging_across_rows(dtype, last, _staging):
     # next row while it works (1000 rows: several per block); C = 4099: rows start at every
     # offset from a 16-byte boundary (head and tail one element at a time).
     p = _problem([2000, 1, 1000, 95, last], 1000, dtype, seed=25)
+    got, _ = _fused(p, "mean")
+    _assert_matches(got, _reference(p, "mean"), dtype, p.seg)
+
+
+WINDOW_SIZES = [3, 300, 1, 1, 40, 120, 250, 7, 300, 16, 200, 62, 300]
+
+
+@needs_gpu
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_windows(dtype, inplace, _staging):
+    # Rows of 1600 labels in windows of a few segments (window_bytes): each window a pass
+    # over the row; 300 rows (several per block: ring copies of the next window or row).
+    p = _problem(WINDOW_SIZES, 300, dtype, seed=26)
+    p.pos[3, p.seg.order[[5, 100, 250]]] = True
+    p.ign[3, p.seg.order[[5, 100, 250]]] = False
+    win = tight_window_bytes(p.seg.offsets, dtype)
+    got, _ = _fused(p, "none", inplace=inplace, window_bytes=win)
+    _assert_matches(got, _reference(p, "none"), dtype, p.seg)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rows_larger_than_shared_memory(dtype, _staging):
+    # fp32 rows of 150000 labels (600 KB) and fp64 rows of 40000 (320 KB): windows of the
+    # device's size (fp32 about 49000 labels).
+    C = 150_000 if dtype == torch.float32 else 40_000
+    sizes = [5000] * (C // 10_000) + [50, 1] * 300 + [C - 5000 * (C // 10_000) - 51 * 300]
+    p = _problem(sizes, 8, dtype, seed=27, pos_p=0.0005)
     got, _ = _fused(p, "mean")
     _assert_matches(got, _reference(p, "mean"), dtype, p.seg)
 

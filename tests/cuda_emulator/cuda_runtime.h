@@ -251,9 +251,17 @@ inline unsigned char* dynamic_smem() {
 // kernel<<<grid, block, smem>>>(args...): blocks one after another, run by the same `block`
 // std::threads (created once per launch), each block with freshly poisoned dynamic shared
 // memory.
+// The most dynamic shared memory a launch asked for since the tests last took it (which
+// kernel ran: the staged one asks for some, the unstaged one and the row sums for none).
+inline size_t& max_dynamic_smem() {
+  static size_t v = 0;
+  return v;
+}
+
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem,
                    cudaStream_t, Args&&... args) {
+  if (smem > max_dynamic_smem()) max_dynamic_smem() = smem;
   if (smem > kSmemOptin) {  // a GPU would refuse the launch
     std::fprintf(stderr, "CUDA emulation: %zu bytes of dynamic shared memory asked, the "
                          "device allows %d\n", smem, kSmemOptin);

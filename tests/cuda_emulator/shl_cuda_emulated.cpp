@@ -3,6 +3,7 @@
 // tests/cuda_emulator/cuda_runtime.h. Pointers are host memory standing in for device memory.
 #include <cstdint>
 
+#include "cuda_runtime.h"  // the emulator's (this directory comes first)
 #include "shl_args.h"
 
 extern "C" const char* shl_emulated_fused(
@@ -11,7 +12,7 @@ extern "C" const char* shl_emulated_fused(
     const void* eta, const void* delta, double grad_scale, void* loss, void* grad,
     void* grad_eta, const void* position, int position_bits, int staged, const int32_t* schedule,
     int64_t block_min, int staged_threads, int flat, int async_staging, void* loss_total,
-    void* grad_eta_total) {
+    void* grad_eta_total, int windows, int64_t window_bytes) {
   shl::ShlArgs a;
   a.z = z;
   a.z_dtype = static_cast<shl::DType>(z_dtype);
@@ -39,8 +40,18 @@ extern "C" const char* shl_emulated_fused(
   a.cuda_async_staging = async_staging;
   a.loss_total = loss_total;
   a.grad_eta_total = grad_eta_total;
+  a.offsets_host = windows ? offsets : nullptr;  // host memory here
+  a.cuda_window_bytes = window_bytes;
   a.device = 0;
   return shl::shl_fused_cuda(a, nullptr);
+}
+
+// The most dynamic shared memory a launch asked for since the last call (0: only unstaged
+// launches), then reset.
+extern "C" int64_t emulated_take_max_smem() {
+  const auto v = static_cast<int64_t>(shl_emu::max_dynamic_smem());
+  shl_emu::max_dynamic_smem() = 0;
+  return v;
 }
 
 // The same for csrc/elementwise_cuda.cu (BCE, focal, ASL; see elementwise.h).
