@@ -102,6 +102,12 @@ def host_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return _cached(offsets, "host", lambda o: o.cpu())
 
 
+# Rows of at most this many bytes of logits fit shared memory on every GPU the kernel runs
+# on (sm_70 and later allow >= 96 KB per block): no windows, so no host copy of offsets (its
+# one device-to-host copy, e.g. under CUDA graph capture, is never needed for them).
+WINDOWLESS_ROW_BYTES = 64 << 10
+
+
 def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                    order: torch.Tensor | None, offsets: torch.Tensor, w: torch.Tensor | None,
                    eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
@@ -144,7 +150,9 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
         c(z), c(pos), c(ign), c(order), c(offsets), c(w), c(eta), c(delta), float(grad_scale),
         c(loss), c(grad), c(grad_eta), stream_handle(z.device),
         c(position), staged, c(segment_schedule(offsets)), block_min, staged_threads, flat,
-        async_staging, c(total), c(geta_total), c(host_offsets(offsets)) if staged else None,
+        async_staging, c(total), c(geta_total),
+        c(host_offsets(offsets)) if staged and (
+            window_bytes or z.shape[1] * z.element_size() > WINDOWLESS_ROW_BYTES) else None,
         window_bytes)
     if reduce:
         return total, grad, geta_total
