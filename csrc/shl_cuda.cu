@@ -895,16 +895,37 @@ __device__ __forceinline__ void scatter_pack(const Pack<V, Bits<T>>& zv, Flags p
 // 16-byte aligned), n packs of V and a tail of fewer than V single elements, whatever C: the
 // asynchronous staging and the unstaging take rows of any length 16 bytes at a time (the
 // plain-load staging only rows of whole packs: with a head and tail it spilled registers).
-// V = 1: no head, no tail.
+// V = 1: no head, no tail. A pass visits the packs [first, end) (all but for windows of
+// rows in identity order, see packs_for).
 struct RowSplit {
   int h, n;
+  int first, end;
 };
 
 template <int V>
 __device__ __forceinline__ RowSplit row_split(int64_t base, int C) {
   const int h = static_cast<int>((V - base % V) % V);
   const int head = h < C ? h : C;
-  return {head, (C - head) / V};
+  const int n = (C - head) / V;
+  return {head, n, 0, n};
+}
+
+// The packs of r a pass over the positions `keep` takes visits: every pack, except for a
+// window of a row in identity order (`mapped` false: positions are columns), where only the
+// packs meeting its columns [lo, lo + L) hold any (one read of the row for all windows).
+__device__ __forceinline__ RowSplit packs_for(const RowSplit& r, const AllPositions&, int,
+                                              bool) {
+  return r;
+}
+
+__device__ __forceinline__ RowSplit packs_for(RowSplit r, const WindowPositions& k, int V,
+                                              bool mapped) {
+  if (mapped) return r;
+  const int a = k.lo - r.h, b = k.lo + k.L - r.h;  // from the first pack's first column
+  r.first = a <= 0 ? 0 : a / V;
+  const int e = b <= 0 ? 0 : (b + V - 1) / V;
+  r.end = e < r.n ? e : r.n;
+  return r;
 }
 
 // The positions of the V columns from c (16-byte loads when c is a multiple of V).
@@ -959,11 +980,12 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, const Pos* posi
                                           int64_t base, int C, const Keep& keep, T* zs_,
                                           uint32_t* pos_bits) {
   constexpr int kUnroll = V == 1 ? 3 : V == 2 ? 2 : 1;
-  const int n = C / V;
+  const RowSplit r = packs_for(RowSplit{0, C / V, 0, C / V}, keep, V, position != nullptr);
+  const int n = r.end;
   const Bits<T>* z = reinterpret_cast<const Bits<T>*>(P.z);
   Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
   using Flags = typename UintOf<V>::type;  // a pack's V flag bytes as one integer
-  for (int q0 = threadIdx.x; q0 < n; q0 += NT * kUnroll) {
+  for (int q0 = r.first + threadIdx.x; q0 < n; q0 += NT * kUnroll) {
     Pack<V, Bits<T>> zv[kUnroll];
     Flags pv[kUnroll], iv[kUnroll];
     Pack<V, Pos> xv[kUnroll];
@@ -995,17 +1017,17 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, const Pos* po
                                             int64_t base, int C, const Keep& keep,
                                             const T* zs_) {
   constexpr int kUnroll = V == 1 ? 4 : V == 2 ? 2 : 1;
-  const RowSplit r = row_split<V>(base, C);
+  const RowSplit r = packs_for(row_split<V>(base, C), keep, V, position != nullptr);
   const Bits<T>* zs = reinterpret_cast<const Bits<T>*>(zs_);
   Bits<T>* grad = reinterpret_cast<Bits<T>*>(P.grad);
-  for (int q0 = threadIdx.x; q0 < r.n; q0 += NT * kUnroll) {
+  for (int q0 = r.first + threadIdx.x; q0 < r.end; q0 += NT * kUnroll) {
     Pack<V, Bits<T>> gv[kUnroll];
     unsigned in[kUnroll];  // bit t: element t is in the window
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int q = q0 + j * NT;
       in[j] = 0;
-      if (q < r.n) {
+      if (q < r.end) {
         const int c = r.h + q * V;
         Pack<V, Pos> xv;
         if (position) xv = load_positions<V>(position, c);
@@ -1023,7 +1045,7 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, const Pos* po
       const int q = q0 + j * NT;
       Bits<T>* g = grad + base + r.h + int64_t(q) * V;
       if constexpr (Keep::kAll) {
-        if (q < r.n) *reinterpret_cast<Pack<V, Bits<T>>*>(g) = gv[j];
+        if (q < r.end) *reinterpret_cast<Pack<V, Bits<T>>*>(g) = gv[j];
       } else if (in[j] == (1u << V) - 1) {
         *reinterpret_cast<Pack<V, Bits<T>>*>(g) = gv[j];
       } else if (in[j]) {
@@ -1054,13 +1076,13 @@ struct Ring {
 template <int V, class T>
 __host__ __device__ constexpr bool async_staging_ok() { return V >= 4 && sizeof(T) <= 4; }  // cp.async: >= 4 B
 
-// Copies pack j (the thread's j-th: q = threadIdx.x + j NT) of the row at `base`, split as r,
-// into ring slot j % kRing (nothing past the row); the caller commits.
+// Copies pack j (the thread's j-th: q = r.first + threadIdx.x + j NT) of the row at `base`,
+// split as r, into ring slot j % kRing (nothing past the pass's packs); the caller commits.
 template <int V, int NT, class T, class A>
 __device__ __forceinline__ void ring_copy(const Params<T, A>& P, int64_t base,
                                           const RowSplit& r, int j, Ring<V, NT, T>* ring) {
-  const int q = threadIdx.x + j * NT;
-  if (q >= r.n) return;
+  const int q = r.first + threadIdx.x + j * NT;
+  if (q >= r.end) return;
   const int slot = j % kRing;
   const int64_t c = base + r.h + int64_t(q) * V;
   async_copy<16>(&ring->z[slot][threadIdx.x], reinterpret_cast<const Bits<T>*>(P.z) + c);
@@ -1068,11 +1090,13 @@ __device__ __forceinline__ void ring_copy(const Params<T, A>& P, int64_t base,
   if (P.ign) async_copy<V>(&ring->ign[slot][threadIdx.x], P.ign + c);
 }
 
-// The first kRing packs of the row at `base` (the copies stage_row_async would start with).
-template <int V, int NT, class T, class A>
+// The first kRing packs of a pass over the row at `base` taking the positions `keep` takes
+// (the copies stage_row_async would start with).
+template <int V, int NT, class T, class A, class Keep>
 __device__ __forceinline__ void ring_prefetch(const Params<T, A>& P, int64_t base, int C,
+                                              const Keep& keep, bool mapped,
                                               Ring<V, NT, T>* ring) {
-  const RowSplit r = row_split<V>(base, C);
+  const RowSplit r = packs_for(row_split<V>(base, C), keep, V, mapped);
 #pragma unroll
   for (int j = 0; j < kRing; ++j) {
     ring_copy<V, NT>(P, base, r, j, ring);
@@ -1086,10 +1110,10 @@ __device__ __forceinline__ void stage_row_async(const Params<T, A>& P, const Pos
                                                 int64_t base, int C, const Keep& keep, T* zs_,
                                                 uint32_t* pos_bits, Ring<V, NT, T>* ring,
                                                 bool prefetched) {
-  const RowSplit r = row_split<V>(base, C);
+  const RowSplit r = packs_for(row_split<V>(base, C), keep, V, position != nullptr);
   Bits<T>* zs = reinterpret_cast<Bits<T>*>(zs_);
-  if (!prefetched) ring_prefetch<V, NT>(P, base, C, ring);
-  for (int j = 0, q = threadIdx.x; q < r.n; ++j, q += NT) {
+  if (!prefetched) ring_prefetch<V, NT>(P, base, C, keep, position != nullptr, ring);
+  for (int j = 0, q = r.first + threadIdx.x; q < r.end; ++j, q += NT) {
     const int c = r.h + q * V;
     Pack<V, Pos> xv;
     if (position) xv = load_positions<V>(position, c);
@@ -1194,9 +1218,16 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
                      // row) starts copying while this one computes
           const bool more = w + 1 < passes;
           prefetched = more || row + gridDim.x < P.B;
-          if (prefetched)
-            ring_prefetch<V, NT>(P, more ? base : base + int64_t(gridDim.x) * P.C,
-                                 static_cast<int>(P.C), ring);
+          if (prefetched) {
+            const int64_t next = more ? base : base + int64_t(gridDim.x) * P.C;
+            const bool mapped = P.position16 || P.position;
+            Keep next_keep;
+            if constexpr (Windowed) {
+              const Window N = window(P, more ? w + 1 : 0);
+              next_keep = WindowPositions{N.lo, N.hi - N.lo};
+            }
+            ring_prefetch<V, NT>(P, next, static_cast<int>(P.C), next_keep, mapped, ring);
+          }
         }
       }
       __syncthreads();

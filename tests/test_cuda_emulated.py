@@ -230,8 +230,10 @@ def test_flat_schedule_falls_back_when_its_statistics_do_not_fit(lib):
 
 
 @pytest.mark.parametrize("variant", [{}, {"async_staging": False}, {"staged_threads": 256},
-                                     {"inplace": True}, {"identity": True}],
-                         ids=["async", "sync", "256threads", "inplace", "identity_order"])
+                                     {"inplace": True}, {"identity": True},
+                                     {"identity": True, "edges": True}],
+                         ids=["async", "sync", "256threads", "inplace", "identity_order",
+                              "identity_order_edges"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_windows(lib, dtype, variant):
     """Rows of 1600 labels (a multiple of every pack: plain loads take 16 bytes too) in
@@ -240,17 +242,21 @@ def test_windows(lib, dtype, variant):
     packs of the gradient split between windows element by element; segments of one label,
     of 300 (several positives in row 3); ring copies of the next window of the same row while
     a window computes (async; in place: the gradient of the window before is already written
-    over z; identity order: no position map, windows of consecutive columns). Results as the
-    whole row staged at once and as the reference."""
+    over z; identity order: no position map, a window's pass visits only the packs of its
+    columns; with 1603 labels rows start at every offset from a 16-byte boundary: packs
+    and single head and tail elements). Results as the whole row staged at once and as the
+    reference."""
     sizes = [3, 300, 1, 1, 40, 120, 250, 7, 300, 16, 200, 62, 300]
     assert sum(sizes) == 1600
+    if variant.get("edges"):
+        sizes.append(3)
     identity = variant.get("identity", False)
     p = _problem(sizes, 11, dtype, seed=31, identity=identity)
     p.pos[3, p.seg.order[[5, 100, 250]]] = True
     p.ign[3, p.seg.order[[5, 100, 250]]] = False
     win = (340 * dtype.itemsize + 15) // 16 * 16 + 3 * 16 + 8 * 16
     inplace = variant.get("inplace", False)
-    kw = {k: v for k, v in variant.items() if k not in ("inplace", "identity")}
+    kw = {k: v for k, v in variant.items() if k not in ("inplace", "identity", "edges")}
     if identity:
         kw["order"] = False
     lib.emulated_take_max_smem()

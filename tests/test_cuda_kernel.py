@@ -581,16 +581,20 @@ WINDOW_SIZES = [3, 300, 1, 1, 40, 120, 250, 7, 300, 16, 200, 62, 300]
 
 
 @needs_gpu
-@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("case", ["out", "inplace", "identity"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_windows(dtype, inplace, _staging):
+def test_windows(dtype, case, _staging):
     # Rows of 1600 labels in windows of a few segments (window_bytes): each window a pass
-    # over the row; 300 rows (several per block: ring copies of the next window or row).
-    p = _problem(WINDOW_SIZES, 300, dtype, seed=26)
+    # over the row; 300 rows (several per block: ring copies of the next window or row);
+    # identity order (1603 labels: rows at every offset from 16 bytes): a window's pass
+    # reads only the packs of its columns.
+    identity = case == "identity"
+    p = _problem(WINDOW_SIZES + [3] * identity, 300, dtype, seed=26, identity=identity)
     p.pos[3, p.seg.order[[5, 100, 250]]] = True
     p.ign[3, p.seg.order[[5, 100, 250]]] = False
     win = tight_window_bytes(p.seg.offsets, dtype)
-    got, _ = _fused(p, "none", inplace=inplace, window_bytes=win)
+    got, _ = _fused(p, "none", inplace=case == "inplace", order=not identity,
+                    window_bytes=win)
     _assert_matches(got, _reference(p, "none"), dtype, p.seg)
 
 
