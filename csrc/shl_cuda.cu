@@ -5,8 +5,11 @@
 // (about C * (sizeof(z) + 1/8) bytes: bf16 up to ~109k labels on sm_90) it is staged there
 // in segment order, read and written coalesced, with -inf in place of the ignored labels
 // and the positives (marked in a bitmask, their logits read from global memory), so the
-// per-element passes read no flags (shl_staged_kernel); otherwise the segments gather from
-// global memory (shl_fused_kernel).
+// per-element passes read no flags (shl_staged_kernel); a larger row is staged in windows
+// of whole segments, one pass over the row each (the windowed shl_staged_kernel); rows
+// that cannot be staged gather from global memory (shl_fused_kernel).
+// Files: shl_cuda_passes.cuh (the segment passes, the group schedule), shl_cuda_flat.cuh
+// (the flat schedule, windows), shl_cuda_staging.cuh (staging), this file (kernels, launch).
 // Staged rows take the flat schedule by default (row_loss_flat): each thread an equal share
 // of consecutive positions, whatever the segments; the segments crossing shares are joined
 // by a segmented scan over the block. The group schedule (row_loss; the unstaged kernel's,
@@ -45,8 +48,9 @@ namespace shl {
 namespace {
 
 // Unstaged: one block per row (grid-stride), positions gathered from global memory. The
-// fallback for rows too large for shared memory. At least 4 blocks per SM lets ptxas use up
-// to 64 registers (with a bare bound of 256 it squeezed to 40 registers and spilled).
+// fallback for rows that cannot be staged (not even in windows). At least 4 blocks per SM
+// lets ptxas use up to 64 registers (with a bare bound of 256 it squeezed to 40 registers
+// and spilled).
 template <class T, class A>
 __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, A> P) {
   __shared__ BlockScratch<kThreads, A> scratch;
@@ -60,7 +64,8 @@ __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, 
 // (plus a global read per positive), writing their gradient over z there; the gradient goes
 // out coalesced through the same map. Global traffic is z, pos, ign read once and grad
 // written once, where the unstaged kernel gathers 2-byte elements at random (a 32-byte
-// sector per element). C is below 2^31 here (the row fits shared memory).
+// sector per element). C is below 2^31 here. Rows too large for shared memory take the
+// windowed variant (see below).
 // V elements per access: 16-byte loads and stores of z and grad when the pointers are
 // aligned and either C % V == 0 or the asynchronous staging runs (checked on the host; see
 // RowSplit), else V = 1; kUnroll accesses in flight per
@@ -74,7 +79,6 @@ constexpr int kStagedThreads = 512;
 
 template <int NT>
 constexpr int staged_min_blocks() { return NT >= 512 ? 2 : 3; }
-
 
 // The flat schedule's per-segment statistics, after the L labels staged at zs.
 template <class T, class A>
