@@ -54,7 +54,9 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
 def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
     """Kernel variants by name: "cuda staged" (flat schedule, cp.async staging; rows larger
     than shared memory in windows), "cuda windows/2" (a row of `row_bytes` in shared memory
-    in windows of about half of it: what a window costs), "cuda staged/256t" (blocks of 256
+    in windows of about half of it: what a window costs; rows larger than shared memory:
+    "cuda windows/100KB", windows of at most 100 KB, two blocks per SM, against the default's
+    largest windows at one block per SM), "cuda staged/256t" (blocks of 256
     threads: three rows per SM), "cuda staged/sync" (plain loads), "cuda groups" (the group
     schedule), "cuda groups/B" (segments of >= B labels block-wide; "off": never): for
     choosing these on the device."""
@@ -62,7 +64,10 @@ def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
     if why_unavailable("cuda") is None:
         from shl_kernels.kernels_cuda import shl_fused_cuda
         out["cuda staged"] = partial(shl_fused_cuda, staged=True, flat=True)
-        if row_bytes:
+        if row_bytes > 200 << 10:
+            out["cuda windows/100KB"] = partial(shl_fused_cuda, staged=True, flat=True,
+                                                window_bytes=100 << 10)
+        elif row_bytes:
             out["cuda windows/2"] = partial(shl_fused_cuda, staged=True, flat=True,
                                             window_bytes=row_bytes // 2 + 4096)
         out["cuda staged/256t"] = partial(shl_fused_cuda, staged=True, flat=True,
