@@ -29,7 +29,8 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
            uintptr_t stream, const py::object& position, bool staged,
            const py::object& schedule, int64_t block_min, int staged_threads, bool flat,
            bool async_staging, const py::object& loss_total,
-           const py::object& grad_eta_total, const py::object& offsets_host, int64_t window_bytes) {
+           const py::object& grad_eta_total, const py::object& offsets_host,
+           int64_t window_bytes) {
   if (window_bytes < 0)
     throw py::value_error("window_bytes: expected 0 (all the device allows) or a byte count > 0");
   if (block_min < -1)

@@ -128,8 +128,9 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
     room (default `ASYNC_STAGING`); window_bytes: at most this many bytes of shared memory for
     a staged row or window (0: as the device allows; less makes rows take windows, tests).
     Rows too large for shared memory are staged in windows of whole segments with the flat
-    schedule (the row read once per window), else (a segment alone too large, or more than
-    64 windows) gathered by the unstaged kernel."""
+    schedule (shuffled labels: the row read once per window; segment order: once in all),
+    else (a segment alone too large, or more than 64 windows) gathered by the unstaged
+    kernel."""
     staged = STAGED if staged is None else staged
     block_min = BLOCK_MIN if block_min is None else block_min
     staged_threads = STAGED_THREADS if staged_threads is None else staged_threads
