@@ -203,11 +203,18 @@ inline bool can_stage(const ShlArgs& a) {
   return a.cuda_staging && !(a.order && !a.position && !a.position16) && a.C < INT_MAX;
 }
 
+// The layout of dynamic shared memory: L staged labels, then (flat schedule) the statistics
+// of n segments; the bitmask starts after them (Params::bits_offset).
+template <class T, class A>
+constexpr int64_t before_bits(int64_t L, int64_t n) {
+  return staged_z_bytes<T>(L) + flat_stats_bytes<A>(n);
+}
+
 // Dynamic shared memory of L staged labels (the window, its bitmask) and, for the flat
 // schedule, the statistics of n segments.
 template <class T, class A>
 constexpr int64_t window_bytes(int64_t L, int64_t n) {
-  return staged_bits_bytes(L) + staged_z_bytes<T>(L) + flat_stats_bytes<A>(n);
+  return before_bits<T, A>(L, n) + staged_bits_bytes(L);
 }
 
 // Dynamic shared memory the staged kernel needs for a whole row of C labels (with the flat
@@ -224,9 +231,9 @@ int staged_bytes(const ShlArgs& a, bool flat, int64_t optin) {
 // consecutive segments, each as long as shared memory holds (its labels, bitmask and
 // segment statistics, with room left for the asynchronous staging's ring of NT threads when
 // it may run), taken greedily from the host copy of offsets, into P (n_windows, windows,
-// window_labels). Returns the dynamic shared memory to launch with, or 0
-// when there is no host copy, a segment alone does not fit or more than kMaxWindows windows
-// would be needed (unstaged kernel then).
+// window_labels, bits_offset). Returns the dynamic shared memory to launch with, or 0 when
+// there is no host copy, a segment alone does not fit or more than kMaxWindows windows would
+// be needed (unstaged kernel then).
 template <int V, int NT, class T, class A>
 int plan_windows(const ShlArgs& a, int64_t optin, Params<T, A>& P) {
   const int64_t* off = a.offsets_host;
@@ -239,7 +246,7 @@ int plan_windows(const ShlArgs& a, int64_t optin, Params<T, A>& P) {
   // (it stays in place): planned with the bitmask of the longest window there can be.
   const int64_t bits = staged_bits_bytes(room / int64_t(sizeof(T)));
   auto fits = [&](int64_t L, int64_t segments) {
-    return bits + staged_z_bytes<T>(L) + flat_stats_bytes<A>(segments) <= room;
+    return before_bits<T, A>(L, segments) + bits <= room;
   };
   int n = 0;
   int64_t labels = 0, rest = 0;  // the longest window; the most bytes before the bitmask
@@ -249,7 +256,7 @@ int plan_windows(const ShlArgs& a, int64_t optin, Params<T, A>& P) {
     while (k < a.m && fits(off[k + 1] - off[k0], k + 1 - k0)) ++k;
     if (k == k0 || n == kMaxWindows) return 0;
     labels = std::max(labels, off[k] - off[k0]);
-    rest = std::max(rest, staged_z_bytes<T>(off[k] - off[k0]) + flat_stats_bytes<A>(k - k0));
+    rest = std::max(rest, before_bits<T, A>(off[k] - off[k0], k - k0));
     P.windows[++n] = static_cast<int32_t>(k);
   }
   P.n_windows = n;
@@ -399,8 +406,7 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   int bytes = a.cuda_flat ? staged_bytes<T, A>(a, true, optin) : 0;
   bool flat = bytes != 0;
   if (!bytes) bytes = staged_bytes<T, A>(a, false, optin);
-  if (bytes) P.bits_offset = static_cast<int>(staged_z_bytes<T>(a.C) +
-                                             (flat ? flat_stats_bytes<A>(a.m) : 0));
+  if (bytes) P.bits_offset = static_cast<int>(before_bits<T, A>(a.C, flat ? a.m : 0));
   if (!bytes) {
     bytes = plan_windows<V, kStagedThreads>(a, optin, P);  // (windows: 512 threads)
     flat = bytes != 0;
