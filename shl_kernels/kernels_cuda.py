@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import weakref
-from collections.abc import Callable
 
 import torch
 
 from .backends import native
+from .derived import cached, segment_position, segment_schedule
 from .fused import capsule, kernel_outputs, stream_handle
 
 
@@ -44,62 +43,11 @@ FLAT = os.environ.get("SHL_CUDA_FLAT", "1") != "0"
 # SHL_CUDA_ASYNC=0: stage rows with plain loads instead of cp.async copies running ahead.
 ASYNC_STAGING = os.environ.get("SHL_CUDA_ASYNC", "1") != "0"
 
-# Tensors derived from order / offsets, per source tensor (the loss caches both per device on
-# the Segmentation, so the same tensors come back every step); dropped with the source.
-_derived: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def _cached(t: torch.Tensor, what: str, make: Callable[[torch.Tensor], torch.Tensor]
-            ) -> torch.Tensor:
-    key = (id(t), what)
-    hit = _derived.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    out = make(t)
-    _derived[key] = (weakref.ref(t, lambda _, k=key: _derived.pop(k, None)), t._version, out)
-    return out
-
-
-# Up to this many labels the kernel reads positions as 16-bit (half the reads per row).
-POSITION16_MAX = 1 << 16
-
-
-def _inverse(order: torch.Tensor, bits: int) -> torch.Tensor:
-    C = order.numel()
-    position = torch.empty(C, dtype=torch.int32, device=order.device)
-    position[order] = torch.arange(C, dtype=torch.int32, device=order.device)
-    if bits == 16:  # uint16 bits in an int16 tensor (torch has few uint16 ops)
-        position = torch.where(position >= 1 << 15, position - (1 << 16), position)
-        return position.to(torch.int16)
-    return position
-
-
-def segment_position(order: torch.Tensor, bits: int | None = None) -> torch.Tensor:
-    """[C]: the segment position of each original label id (the inverse of `order`), in
-    `bits` 16 (int16 holding the uint16 value; C <= POSITION16_MAX) or 32 (int32); default:
-    16 where it fits."""
-    if bits is None:
-        bits = 16 if order.numel() <= POSITION16_MAX else 32
-    if bits not in (16, 32) or (bits == 16 and order.numel() > POSITION16_MAX):
-        raise ValueError(f"bits: 16 (C <= {POSITION16_MAX}) or 32, got {bits} for "
-                         f"C={order.numel()}")
-    return _cached(order, f"position{bits}", lambda o: _inverse(o, bits))
-
-
-def _largest_first(offsets: torch.Tensor) -> torch.Tensor:
-    sizes = offsets[1:] - offsets[:-1]
-    return torch.argsort(sizes, descending=True, stable=True).to(torch.int32)
-
-
-def segment_schedule(offsets: torch.Tensor) -> torch.Tensor:
-    """int32 [m]: segment ids, largest first (the order the CUDA kernel's warps take them)."""
-    return _cached(offsets, "schedule", _largest_first)
-
 
 def host_offsets(offsets: torch.Tensor) -> torch.Tensor:
     """A CPU copy of offsets (once per tensor: the loss passes the same one every step), from
     which the kernel plans the windows of rows too large for shared memory."""
-    return _cached(offsets, "host", lambda o: o.cpu())
+    return cached((offsets,), "host", lambda o: o.cpu())
 
 
 # Rows of at most this many bytes of logits fit shared memory on every GPU the kernel runs

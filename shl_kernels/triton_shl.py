@@ -37,10 +37,30 @@ _ACC = {torch.float32: torch.float32, torch.float16: torch.float32,
 def _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off, j, end,
            acc_ty: tl.constexpr, BLOCK: tl.constexpr, HAS_IGN: tl.constexpr,
            HAS_ORDER: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """Positions [j, j+BLOCK) of a segment ending at `end`: original column, element offset,
-    in-range mask, valid (in range, not ignored), positive, u = z + delta (-inf if not valid)."""
+    """Positions [j, j+BLOCK) of a segment ending at `end`: see _load_at."""
     idx = j + tl.arange(0, BLOCK)
-    inr = idx < end
+    return _load_at(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off, idx, idx < end,
+                    acc_ty, HAS_IGN, HAS_ORDER, HAS_DELTA, False)
+
+
+@triton.jit
+def _flag(ptr, off, mask, other, BITS: tl.constexpr):
+    """The pos / ign flag at element offsets `off` (nonzero = set): a byte each, or with
+    BITS one bit each (bit off % 8 of byte off // 8)."""
+    if BITS:
+        byte = tl.load(ptr + (off >> 3), mask=mask, other=other).to(tl.int32)
+        return (byte >> (off & 7).to(tl.int32)) & 1
+    else:
+        return tl.load(ptr + off, mask=mask, other=other)
+
+
+@triton.jit
+def _load_at(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off, idx, inr,
+             acc_ty: tl.constexpr, HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr,
+             HAS_DELTA: tl.constexpr, BITS: tl.constexpr):
+    """Segment positions idx (any shape; inr: in range): original column, element offset,
+    inr, valid (in range, not ignored), positive, u = z + delta (-inf if not valid).
+    BITS: pos / ign hold a bit per element (see _flag)."""
     if HAS_ORDER:
         col = tl.load(order_ptr + idx, mask=inr, other=0).to(tl.int64)
     else:
@@ -48,8 +68,8 @@ def _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off, j, end,
     off = row_off + col
     valid = inr
     if HAS_IGN:
-        valid = inr & (tl.load(ign_ptr + off, mask=inr, other=1) == 0)
-    p = valid & (tl.load(pos_ptr + off, mask=valid, other=0) != 0)
+        valid = inr & (_flag(ign_ptr, off, inr, 1, BITS) == 0)
+    p = valid & (_flag(pos_ptr, off, valid, 0, BITS) != 0)
     u = tl.load(z_ptr + off, mask=valid, other=0.0).to(acc_ty)
     if HAS_DELTA:
         u += tl.load(delta_ptr + col, mask=valid, other=0.0).to(acc_ty)
@@ -95,13 +115,26 @@ def _segment_small(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
 
 
 @triton.jit
+def _online_step(m_l, s_l, u, p):
+    """Per lane (any shape): running max m_l of u and sum s_l of exp(u - m_l) over the
+    negatives (~p), updated by one element u; one exp: exp(m_l - u) rescales s_l when u is
+    the new max, exp(u - m_l) is u's term otherwise."""
+    # -inf terms add nothing (and exp(-inf - -inf) would be NaN); NaN stays active so it
+    # reaches the sum (NaN > m_l is false, so NaN never becomes the max).
+    neg = (u != float("-inf")) & ~p
+    big = u > m_l
+    t = tl.exp(tl.where(big, m_l - u, u - m_l))
+    s_l = tl.where(neg, tl.where(big, s_l * t + 1.0, s_l + t), tl.where(big, s_l * t, s_l))
+    return tl.where(big, u, m_l), s_l
+
+
+@triton.jit
 def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_ptr, row_off,
                    start, end, eta, scale, acc_ty: tl.constexpr, BLOCK: tl.constexpr,
                    HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_W: tl.constexpr,
                    HAS_DELTA: tl.constexpr):
     # Pass 1, per lane: running max m_l over valid u (positives included: D_p needs
-    # exp(u_p - M) <= 1) and sum s_l of exp(u - m_l) over the negatives. One exp per element:
-    # exp(m_l - u) rescales s_l when u is the new max, exp(u - m_l) is u's term otherwise.
+    # exp(u_p - M) <= 1) and sum s_l of exp(u - m_l) over the negatives (_online_step).
     m_l = tl.full([BLOCK], float("-inf"), acc_ty)
     s_l = tl.zeros([BLOCK], acc_ty)
     np_l = tl.zeros([BLOCK], tl.int32)
@@ -111,14 +144,7 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
         col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr,
                                             row_off, j, end, acc_ty, BLOCK, HAS_IGN, HAS_ORDER,
                                             HAS_DELTA)
-        # -inf terms add nothing (and exp(-inf - -inf) would be NaN); NaN stays active so it
-        # reaches the sum (NaN > m_l is false, so NaN never becomes the max).
-        neg = (u != float("-inf")) & ~p
-        big = u > m_l
-        t = tl.exp(tl.where(big, m_l - u, u - m_l))
-        s_l = tl.where(neg, tl.where(big, s_l * t + 1.0, s_l + t),
-                       tl.where(big, s_l * t, s_l))
-        m_l = tl.where(big, u, m_l)
+        m_l, s_l = _online_step(m_l, s_l, u, p)
         np_l += p.to(tl.int32)
         pu_l += tl.where(p, u, 0.0)
         pw_l += _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
@@ -235,6 +261,12 @@ def _num_sms(device: torch.device) -> int:
 
 _MAX_WINDOW = 2048
 
+# SHL_TRITON_STAGED=1: shuffled labels take the staged kernel (triton_staged.py) by default;
+# off until measured on a GPU against the window schedule.
+STAGED = os.environ.get("SHL_TRITON_STAGED", "0") == "1"
+# Programs of the staged kernel per SM (each loops over rows).
+STAGED_PROGRAMS_PER_SM = 2
+
 
 def _default_window(B: int, C: int, m: int, device: torch.device) -> int:
     """Windows of at most _MAX_WINDOW positions, fewer positions when B is small so that the
@@ -277,12 +309,15 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
                      eta: torch.Tensor | None, delta: torch.Tensor | None, grad_scale: float,
                      need_grad_eta: bool, grad_out: torch.Tensor | None = None, *,
                      window: int | None = None, block: int | None = None,
-                     num_warps: int | None = None,
+                     num_warps: int | None = None, staged: bool | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`fused.FusedKernel` in Triton. Extra knobs (the defaults are meant to be right):
     window: 0 = one program per (row, segment); W > 0 = one per (row, W-position window);
     >= C = one per row (default: `_default_window`, or the SHL_TRITON_WINDOW environment
-    variable). block/num_warps: fix BLOCK instead of autotuning.
+    variable). block/num_warps: fix BLOCK instead of autotuning. staged: shuffled labels
+    (an `order`) take the staged kernel (triton_staged.py: a program per row, the row put in
+    segment order on chip) where the row fits (default `STAGED`); window/block/num_warps
+    then do not apply.
 
     The first call per shape bucket and dtype autotunes BLOCK; with grad_out aliasing z that
     first call holds a temporary copy of z (the autotuner restores z between trial runs)."""
@@ -337,6 +372,16 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     part = torch.empty((B, n_items), dtype=acc, device=dev)
     hi = float(np.float32(grad_scale))
     lo = float(np.float32(grad_scale - hi))
+    if (STAGED if staged is None else staged) and order is not None:
+        from . import triton_staged  # (it imports this module's segment code)
+
+        if triton_staged.fits(C, z.element_size()):
+            part = torch.empty(B, dtype=acc, device=dev)
+            with on_device(dev):
+                triton_staged.launch_staged(
+                    z, pos, ign, order, offsets, w, eta, delta, grad, geta, part, (hi, lo),
+                    STAGED_PROGRAMS_PER_SM * _num_sms(dev), aliased, knobs.runtime.interpret)
+            return part, grad, geta
     args = (z, pos, ign, order, offsets, w, eta, delta, grad, part, geta, hi, lo, C, m, n_items,
             max(win, 0), (m + 1).bit_length(), (C // max(m, 1)).bit_length(),
             max(win, 0).bit_length(), (B * n_items).bit_length())

@@ -28,8 +28,8 @@ from test_cuda_kernel import (
     tight_window_bytes,
 )
 
+from shl_kernels.derived import segment_position, segment_schedule
 from shl_kernels.fused import FusedSHL, kernel_outputs
-from shl_kernels.kernels_cuda import segment_position, segment_schedule
 from shl_kernels.kernels_elementwise import KINDS, ElemSpec, elementwise_cpu
 from shl_kernels.reference import shl_loss_reference
 

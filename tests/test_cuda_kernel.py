@@ -13,14 +13,9 @@ from torch.utils.dlpack import to_dlpack
 
 import shl_kernels as shl
 from shl_kernels.backends import native
+from shl_kernels.derived import segment_position, segment_schedule
 from shl_kernels.fused import FusedSHL
-from shl_kernels.kernels_cuda import (
-    cuda_available,
-    host_offsets,
-    segment_position,
-    segment_schedule,
-    shl_fused_cuda,
-)
+from shl_kernels.kernels_cuda import cuda_available, host_offsets, shl_fused_cuda
 from shl_kernels.reference import shl_loss_reference
 
 _C = native()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import shl_kernels as shl
+from shl_kernels import triton_shl, triton_staged
 from shl_kernels.fused import FusedSHL
 from shl_kernels.reference import shl_loss_reference
 from shl_kernels.triton_shl import shl_fused_triton
@@ -26,6 +27,10 @@ F64 = torch.float64
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
 EXTRAS = ("w", "eta", "delta", "ign")
+# The two kernels: programs per window of segment positions (BLOCK 16), and per row with the
+# row staged on chip (triton_staged.py; tiles of 4 segments x 8 lanes under the interpreter).
+KERNELS = {"window": functools.partial(shl_fused_triton, block=BLOCK),
+           "staged": functools.partial(shl_fused_triton, staged=True)}
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -75,8 +80,9 @@ def _leaf(t):
 
 
 def run_fused(x: dict, reduction: str, kernel=None, identity: bool = False, inplace=False):
-    """Loss and grads (z, eta, delta) through FusedSHL with the Triton kernel."""
-    kernel = kernel or functools.partial(shl_fused_triton, block=BLOCK)
+    """Loss and grads (z, eta, delta) through FusedSHL with the Triton kernel (a KERNELS
+    name or a function; default: the window kernel)."""
+    kernel = KERNELS[kernel or "window"] if isinstance(kernel, str | None) else kernel
     x = dict(x, z=_leaf(x["z"]), eta=_leaf(x["eta"]), delta=_leaf(x["delta"]))
     ign = None if x["ign"] is None else x["ign"].to(torch.uint8)
     seg = x["seg"]
@@ -114,15 +120,20 @@ SHAPES = {  # name: (B, segment sizes)
     "singletons": (4, [1] * 9),
     "big": (2, [70]),
     "mixed": (5, [17, 1, 33, 2, 16, 5]),
+    # staged tiles, largest first: [30, 12, 11, 10] [9, 8, 3, 2] [1]: one just over the 8
+    # lanes, one at most 8
+    "tiles": (3, [12, 9, 30, 2, 11, 10, 1, 3, 8]),
 }
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_fp64_matches_reference(shape, reduction):
+def test_fp64_matches_reference(shape, reduction, kernel):
     B, sizes = SHAPES[shape]
     x = _inputs(_problem(B, sizes, seed=len(sizes)), F64)
-    assert_all_close(run_fused(x, reduction), run_reference(x, reduction), 1e-10, 1e-12)
+    assert_all_close(run_fused(x, reduction, kernel), run_reference(x, reduction), 1e-10,
+                     1e-12)
 
 
 @pytest.mark.parametrize("window", [0, 1, 9, 40, 10**6])
@@ -140,10 +151,11 @@ def test_block_sizes(block):
     assert_all_close(run_fused(x, "mean", kernel), run_reference(x, "mean"), 1e-10, 1e-12)
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("extras", [(), ("w",), ("eta", "ign"), ("delta",)])
-def test_optional_inputs(extras):
+def test_optional_inputs(extras, kernel):
     x = _inputs(_problem(3, [20, 4, 1], seed=5), F64, extras)
-    assert_all_close(run_fused(x, "sum"), run_reference(x, "sum"), 1e-10, 1e-12)
+    assert_all_close(run_fused(x, "sum", kernel), run_reference(x, "sum"), 1e-10, 1e-12)
 
 
 def test_identity_order_matches_explicit():
@@ -176,24 +188,26 @@ def _special_cases() -> dict:
     return p
 
 
-@pytest.mark.parametrize("window", [0, 10**6])
+@pytest.mark.parametrize("window", [0, 10**6, "staged"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_special_rows(reduction, window):
     x = _inputs(_special_cases(), F64)
-    kernel = functools.partial(shl_fused_triton, block=BLOCK, window=window)
+    kernel = "staged" if window == "staged" else functools.partial(
+        shl_fused_triton, block=BLOCK, window=window)
     got = run_fused(x, reduction, kernel)
     assert_all_close(got, run_reference(x, reduction), 1e-10, 1e-12)
     assert (got[1][x["ign"]] == 0).all()  # ignored: exactly zero gradient
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_extreme_logits(dtype):
+def test_extreme_logits(dtype, kernel):
     p = _problem(4, [20, 3, 1, 6], seed=17)
     gen = torch.Generator().manual_seed(1)
     p["z"] = torch.where(torch.rand(p["z"].shape, generator=gen) < 0.5, 80.0, -80.0) \
         + torch.rand(p["z"].shape, generator=gen, dtype=F64) * 0.5
     x = _inputs(p, dtype)
-    got = run_fused(x, "sum")
+    got = run_fused(x, "sum", kernel)
     assert all(torch.isfinite(g).all() for g in got)
     # fp16 gradients are rounded to fp16; the loss is computed in fp32 either way
     grad_tol = 1e-3 if dtype == torch.float16 else 1e-5
@@ -203,7 +217,8 @@ def test_extreme_logits(dtype):
     assert_delta_close(got, want, grad_tol)
 
 
-def test_nan_and_inf_propagate():
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_nan_and_inf_propagate(kernel):
     p = _problem(9, [20, 4, 1, 7], seed=19, pos_p=0.0, ign_p=0.0)
     off = p["seg"].offsets.tolist()
     s0, s1, s2, s3 = (p["seg"].order[off[k]:off[k + 1]].tolist() for k in range(4))
@@ -222,7 +237,7 @@ def test_nan_and_inf_propagate():
     z[7, s0[16]] = float("nan")          # negative, second chunk, after a finite one on its lane
     z[8, s0[1]] = float("nan")           # negative, first chunk, before a finite one on its lane
     x = _inputs(p, torch.float32)
-    loss, gz = run_fused(x, "none")[:2]
+    loss, gz = run_fused(x, "none", kernel)[:2]
     bad = [0, 1, 2, 5, 6, 7, 8]
     assert torch.isnan(loss[bad]).all()
     assert gz[3, s0[7]] == 0
@@ -234,9 +249,10 @@ def test_nan_and_inf_propagate():
     torch.testing.assert_close(gz[good].double(), want[1][good], rtol=1e-5, atol=1e-6)
 
 
-def test_fp32_no_worse_than_reference_fp32():
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_fp32_no_worse_than_reference_fp32(kernel):
     x = _inputs(_problem(4, [30, 7, 1, 12, 2], seed=23, scale=5.0), torch.float32)
-    got = run_fused(x, "none")
+    got = run_fused(x, "none", kernel)
     exact = run_reference(x, "none", F64)
     ref32 = run_reference(x, "none", torch.float32)
     for g, e, r in zip(got, exact, ref32):
@@ -249,11 +265,12 @@ def test_fp32_no_worse_than_reference_fp32():
 # Gradients are rounded twice: by the kernel's store and by FusedSHL's rescale with the
 # upstream 0.7. The interpreter truncates fp32 -> bf16 (GPUs round to nearest), so bf16 gets
 # two bf16 ulps; test_gpu.py checks the rounding on hardware.
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("dtype, grad_rtol", [(torch.bfloat16, 2**-6),
                                               (torch.float16, 2**-10 + 1e-5)])
-def test_low_precision(dtype, grad_rtol):
+def test_low_precision(dtype, grad_rtol, kernel):
     x = _inputs(_problem(4, [30, 7, 1, 12, 2], seed=29), dtype)
-    got = run_fused(x, "mean")
+    got = run_fused(x, "mean", kernel)
     want = run_reference(x, "mean")  # fp64 on the same (upcast) inputs
     assert got[1].dtype == dtype
     assert_all_close(got[:1] + got[2:3], want[:1] + want[2:3], 1e-5, 1e-6)  # loss, eta
@@ -269,23 +286,25 @@ def _direct(x: dict, scale: float = 0.25, grad_out=None, **kw):
                             grad_out, block=BLOCK, **kw)
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_poisoned_grad_out_fully_written(dtype):
+def test_poisoned_grad_out_fully_written(dtype, staged):
     x = _inputs(_problem(3, [20, 1, 4, 9], seed=31), dtype)
-    fresh = _direct(x)
+    fresh = _direct(x, staged=staged)
     poisoned = torch.full_like(x["z"], float("nan"))
-    loss, grad, geta = _direct(x, grad_out=poisoned)
+    loss, grad, geta = _direct(x, grad_out=poisoned, staged=staged)
     assert grad is poisoned and not torch.isnan(grad).any()
     assert torch.equal(grad, fresh[1]) and torch.equal(loss, fresh[0])
     assert torch.equal(geta, fresh[2])
 
 
-@pytest.mark.parametrize("window", [0, 10**6])
+@pytest.mark.parametrize("window", [0, 10**6, "staged"])
 def test_inplace(window):
     x = _inputs(_problem(3, [20, 1, 4, 9], seed=37), torch.float32)
-    fresh = _direct(x, window=window)
+    kw = {"staged": True} if window == "staged" else {"window": window}
+    fresh = _direct(x, **kw)
     z = x["z"].clone()
-    loss, grad, geta = _direct(dict(x, z=z), grad_out=z, window=window)
+    loss, grad, geta = _direct(dict(x, z=z), grad_out=z, **kw)
     assert grad is z
     assert torch.equal(z, fresh[1]) and torch.equal(loss, fresh[0])
     assert torch.equal(geta, fresh[2])
@@ -308,9 +327,12 @@ def test_inplace_through_autograd():
     torch.testing.assert_close(base.grad, want[1] / upstream, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_public_api(inplace):
-    """segmented_harmonic_loss(backend="triton") with the launcher's default schedule/BLOCK."""
+def test_public_api(inplace, staged, monkeypatch):
+    """segmented_harmonic_loss(backend="triton") with the launcher's default schedule/BLOCK,
+    and with SHL_TRITON_STAGED's default (staged rows) turned on."""
+    monkeypatch.setattr(triton_shl, "STAGED", staged)
     x = _inputs(_problem(3, [40, 1, 5, 12], seed=43), F64)
     out = {}
     for backend in ("torch", "triton"):
@@ -323,6 +345,35 @@ def test_public_api(inplace):
             inplace=inplace and backend == "triton")
         out[backend] = [loss.detach(), *torch.autograd.grad(loss, (z, eta))]
     assert_all_close(out["triton"], out["torch"], 1e-10, 1e-12)
+
+
+@pytest.mark.parametrize("per_sm", [1, 2, 100])
+def test_staged_programs_loop_over_rows(per_sm, monkeypatch):
+    """One program for every row, two for five, one per row: the same answer (the interpreter
+    has one 'SM')."""
+    monkeypatch.setattr(triton_shl, "STAGED_PROGRAMS_PER_SM", per_sm)
+    x = _inputs(_special_cases(), F64)
+    got = run_fused(x, "none", "staged")
+    assert_all_close(got, run_reference(x, "none"), 1e-10, 1e-12)
+
+
+def test_staged_only_where_it_applies(monkeypatch):
+    """Rows too large for the chip and labels already in segment order take the window
+    kernel; shuffled rows that fit take the staged one."""
+    calls = []
+    real = triton_staged.launch_staged
+    monkeypatch.setattr(triton_staged, "launch_staged",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = _inputs(_problem(3, [18, 2, 1, 7], seed=47), F64)
+    want = run_reference(x, "none")
+    assert_all_close(run_fused(x, "none", "staged"), want, 1e-10, 1e-12)
+    assert len(calls) == 1
+    ident = _inputs(_problem(3, [18, 2, 1, 7], seed=47, shuffle=False), F64)
+    assert_all_close(run_fused(ident, "none", "staged", identity=True),
+                     run_reference(ident, "none"), 1e-10, 1e-12)
+    monkeypatch.setattr(triton_staged, "STAGED_MAX_BYTES", 8 * 16)  # 16 fp64 labels
+    assert_all_close(run_fused(x, "none", "staged"), want, 1e-10, 1e-12)
+    assert len(calls) == 1
 
 
 def test_empty_batch():
@@ -372,6 +423,33 @@ _AOT = textwrap.dedent("""
     compile_for_h100("fp32", False, True, _CONFIGS[0])
     compile_for_h100("fp64", True, True, _CONFIGS[3])
     compile_for_h100("fp16", False, False, _CONFIGS[1])
+
+    from shl_kernels.triton_staged import _CONFIGS as STAGED_CONFIGS
+    from shl_kernels.triton_staged import _shl_staged_kernel
+
+    def compile_staged(zt, has, cfg, C):
+        acc = "*fp64" if zt == "fp64" else "*fp32"
+        sig = dict(z_ptr=PTR[zt], pos_ptr="*u8", ign_ptr="*u8", order_ptr="*i32",
+                   position_ptr="*i32", off_ptr="*i64", sched_ptr="*i32", w_ptr=acc,
+                   eta_ptr=acc, delta_ptr=acc, grad_ptr=PTR[zt], pbits_ptr="*u8",
+                   ibits_ptr="*u8", part_ptr=acc, geta_ptr=acc, scale_hi="fp32",
+                   scale_lo="fp32", B="i32", C="i32", m="i32")
+        const = dict(HAS_IGN=has, HAS_W=has, HAS_ETA=has, HAS_DELTA=has, NEED_GETA=has,
+                     CP=1 << (C - 1).bit_length(), **cfg.kwargs)
+        const.update({n: None for n in ["ign_ptr", "ibits_ptr", "w_ptr", "eta_ptr",
+                                        "delta_ptr", "geta_ptr"] if not has})
+        sig.update({n: "constexpr" for n in const})
+        src = triton.compiler.ASTSource(fn=_shl_staged_kernel, signature=sig, constexprs=const)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": cfg.num_warps})
+        assert kernel.asm["cubin"]
+        # the gather's shared memory holds the padded row
+        assert kernel.metadata.shared >= const["CP"] * {"fp64": 8, "fp32": 4}.get(zt, 2)
+
+    compile_staged("bf16", True, STAGED_CONFIGS[0], 32768)
+    compile_staged("fp32", False, STAGED_CONFIGS[2], 8922)
+    compile_staged("fp64", True, STAGED_CONFIGS[2], 1000)
+    compile_staged("fp16", True, STAGED_CONFIGS[1], 40000)
     print("compiled")
 """)
 
