@@ -100,7 +100,8 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 
 # Kernel-only time and bandwidth of every SHL kernel (CUDA staged with the flat schedule at
 # 512 and 256 threads, with plain loads instead of cp.async, with the group schedule
-# (block-wide segments from 1024 labels, the default; off; from 2048), unstaged; Triton), in shuffled and in segment order, against the
+# (block-wide segments from 1024 labels, the default; off; from 2048), unstaged; Triton's
+# window schedule and its staged kernel), in shuffled and in segment order, against the
 # copy bandwidth, at 100 and 1000 segments, at C=8922 (not a multiple of 8: rows with a
 # head and a tail) and at B=16, with `cuda windows/2` (rows that fit staged in windows of
 # about half a row: what a window pass costs). (It measures the device copy bandwidth
@@ -108,7 +109,7 @@ TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 # windows; windows/100KB: smaller ones, two blocks per SM) against the unstaged kernel and
 # Triton, and where the host time of a B=16 step
 # goes, in the same log.
-TAIL=70 step kernel_bw 190 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,2048 \
+TAIL=80 step kernel_bw 220 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,2048 \
   --shape 4096,32768,100 --shape 4096,32768,1000 --shape 2048,8922,300 --shape 16,8192,64 && \
   $PY benchmarks/kernel_bandwidth.py --dtype float32 --shape 512,150000,300 \
   --kernels 'cuda staged,cuda windows/100KB,cuda unstaged,triton' --repeats 10 && \

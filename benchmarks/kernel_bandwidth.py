@@ -58,8 +58,10 @@ def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
     "cuda windows/100KB", windows of at most 100 KB, two blocks per SM, against the default's
     largest windows at one block per SM), "cuda staged/256t" (blocks of 256
     threads: three rows per SM), "cuda staged/sync" (plain loads), "cuda groups" (the group
-    schedule), "cuda groups/B" (segments of >= B labels block-wide; "off": never): for
-    choosing these on the device."""
+    schedule), "cuda groups/B" (segments of >= B labels block-wide; "off": never), "triton"
+    (programs per window of segment positions), "triton staged" (shuffled rows staged on chip,
+    triton_staged.py; segment order or rows too large: as "triton"): for choosing these on
+    the device."""
     out = {}
     if why_unavailable("cuda") is None:
         from shl_kernels.kernels_cuda import shl_fused_cuda
@@ -81,7 +83,8 @@ def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
         out["cuda unstaged"] = partial(shl_fused_cuda, staged=False)
     if why_unavailable("triton") is None:
         from shl_kernels.triton_shl import shl_fused_triton
-        out["triton"] = shl_fused_triton
+        out["triton"] = partial(shl_fused_triton, staged=False)
+        out["triton staged"] = partial(shl_fused_triton, staged=True)
     return out
 
 
@@ -90,7 +93,7 @@ def main() -> None:
     p.add_argument("--shape", action="append",
                    help="B,C,m (repeatable; default 4096,32768,100 and 16,8192,64)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--kernels", help="comma list among: cuda staged, cuda unstaged, triton")
+    p.add_argument("--kernels", help="comma list of kernel names (see kernels())")
     p.add_argument("--orders", default="shuffled,segment", help="shuffled, segment or both")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)

@@ -141,17 +141,6 @@ def test_binding_rejects_16_bit_positions_past_65536_labels():
                                     w=None, delta=None, position=torch.zeros(C, dtype=torch.int16)))
 
 
-def test_segment_position_widths():
-    order = torch.randperm(40000)
-    p16, p32 = segment_position(order), segment_position(order, 32)
-    assert p16.dtype == torch.int16 and p32.dtype == torch.int32
-    assert torch.equal(p16.to(torch.int32) & 0xFFFF, p32)  # the uint16 bits
-    assert torch.equal(order[p32.long()], torch.arange(40000))
-    assert segment_position(torch.arange((1 << 16) + 1)).dtype == torch.int32
-    with pytest.raises(ValueError, match="^bits: "):
-        segment_position(torch.arange((1 << 16) + 1), 16)
-
-
 @needs_build
 def test_binding_checks_block_min_and_staged_threads():
     with pytest.raises(ValueError, match="^block_min: "):
@@ -196,22 +185,6 @@ def test_host_offsets_is_a_cached_cpu_copy():
 def test_binding_rejects_position_without_order():
     with pytest.raises(ValueError, match="^position: given without order"):
         _call_binding(_binding_args(order=None, position=torch.arange(5, dtype=torch.int32)))
-
-
-def test_segment_position_inverts_order_and_is_cached():
-    order = torch.randperm(1000)
-    position = segment_position(order, 32)
-    assert position.dtype == torch.int32
-    assert torch.equal(order[position.long()], torch.arange(1000))
-    assert segment_position(order, 32) is position  # same tensor, same version: cached
-    order[:2] = order[:2].flip(0)  # in-place change: recomputed
-    assert torch.equal(order[segment_position(order, 32).long()], torch.arange(1000))
-
-
-def test_segment_schedule_lists_segments_largest_first():
-    offsets = torch.tensor([0, 2, 7, 8, 13, 13])  # sizes 2, 5, 1, 5, 0
-    assert segment_schedule(offsets).tolist() == [1, 3, 0, 2, 4]  # ties keep segment order
-    assert segment_schedule(offsets).dtype == torch.int32
 
 
 @needs_build

@@ -2,6 +2,7 @@
 PyTorch reference; everything here is skipped without CUDA."""
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -19,7 +20,14 @@ F64 = torch.float64
 
 def _triton():
     from shl_kernels.triton_shl import shl_fused_triton
-    return shl_fused_triton
+    return functools.partial(shl_fused_triton, staged=False)
+
+
+def _triton_staged():
+    """Shuffled labels with rows staged on chip (triton_staged.py); segment order and rows
+    too large take the window kernel."""
+    from shl_kernels.triton_shl import shl_fused_triton
+    return functools.partial(shl_fused_triton, staged=True)
 
 
 def _cuda():
@@ -32,9 +40,9 @@ def _cuda():
     return mod.shl_fused_cuda
 
 
-@pytest.fixture(params=["triton", "cuda"])
+@pytest.fixture(params=["triton", "triton_staged", "cuda"])
 def kernel(request):
-    return {"triton": _triton, "cuda": _cuda}[request.param]()
+    return {"triton": _triton, "triton_staged": _triton_staged, "cuda": _cuda}[request.param]()
 
 
 def _sizes(C: int, m: int, gen: torch.Generator) -> list[int]:
@@ -107,6 +115,13 @@ def test_bf16_large(kernel, B):
     x = _problem(B, 32768, 100, torch.bfloat16, seed=B)
     # bf16 round-to-nearest of an fp32 value: 2^-9 relative, 2^-8 leaves room for fp32 error
     _check_rows(kernel, x, torch.arange(0, B, max(1, B // 256), device=DEV), 1e-5, 2**-8)
+
+
+def test_odd_label_count(kernel):
+    """C = 8922 (MIMIC-III's full code set): rows that are no multiple of a vector, padded to
+    16384 when staged."""
+    x = _problem(512, 8922, 300, torch.bfloat16, seed=11)
+    _check_rows(kernel, x, torch.arange(0, 512, 3, device=DEV), 1e-5, 2**-8)
 
 
 def test_fp32_no_worse_than_reference_fp32(kernel):
