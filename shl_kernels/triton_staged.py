@@ -53,7 +53,7 @@ def _permute_flags(src, pos_bits_ptr, ign_bits_ptr, index_ptr, n, CP: tl.constex
 
 
 # Tiles: G segments side by side, a [G, SEGW] chunk of positions per step, reduced along
-# axis 1 (SEGW lanes of one warp per segment where G x SEGW matches the program's threads).
+# axis 1 (SEGW lanes per segment: a warp each where SEGW = 32).
 # The maths is triton_shl._segment_small / _segment_large's, per tile row; start, end and
 # eta are [G]; padding rows (start == end, eta 0) give loss 0.
 @triton.jit
@@ -137,17 +137,18 @@ def _tile_large(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
     return loss, e_eta * S - (npos == 0).to(acc_ty)
 
 
-@triton.jit(do_not_specialize=["B", "m"])
+@triton.jit(do_not_specialize=["B", "m", "seg_bucket"])
 def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr, sched_ptr,
                        w_ptr, eta_ptr, delta_ptr, grad_ptr, pbits_ptr, ibits_ptr, part_ptr,
-                       geta_ptr, scale_hi, scale_lo, B, C, m,
+                       geta_ptr, scale_hi, scale_lo, B, C, m, seg_bucket,
                        HAS_IGN: tl.constexpr, HAS_W: tl.constexpr, HAS_ETA: tl.constexpr,
                        HAS_DELTA: tl.constexpr, NEED_GETA: tl.constexpr, CP: tl.constexpr,
                        CHUNK: tl.constexpr, G: tl.constexpr, SEGW: tl.constexpr):
     """order_ptr: int32 [C] label id at each segment position; position_ptr: its inverse;
     sched_ptr: int32 [m] segment ids, largest first (tiles of similar sizes); w_ptr /
     delta_ptr in segment order; pbits_ptr / ibits_ptr: uint8 [programs, CP // 8] scratch, a
-    program's row of pos / ign flags in segment order, a bit each. C <= CP, 8 <= CP."""
+    program's row of pos / ign flags in segment order, a bit each. C <= CP, 8 <= CP.
+    seg_bucket only keys the autotuner."""
     acc_ty = part_ptr.dtype.element_ty
     pid = tl.program_id(0)
     scale = tl.cast(scale_hi, acc_ty) + tl.cast(scale_lo, acc_ty)
@@ -162,8 +163,9 @@ def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr
         row_off = row64 * C
         g_row = grad_ptr + row_off
         # Stage: the whole row is loaded before any of it is stored (grad_ptr may alias z).
-        _permute_row(tl.load(z_ptr + row_off + cols, mask=inr, other=0.0), g_row, order_ptr,
-                     C, CP, CHUNK)
+        zr = tl.load(z_ptr + row_off + cols, mask=inr, other=0.0)
+        tl.debug_barrier()
+        _permute_row(zr, g_row, order_ptr, C, CP, CHUNK)
         flags = (tl.load(pos_ptr + row_off + cols, mask=inr, other=0) != 0).to(tl.uint8)
         if HAS_IGN:
             ign = tl.load(ign_ptr + row_off + cols, mask=inr, other=0) != 0
@@ -202,14 +204,16 @@ def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr
 # of two: 64 KB at 32768 bf16 labels, 128 KB fp32).
 STAGED_MAX_BYTES = 128 << 10
 
-# Autotuned on a GPU: programs of 16 or 32 warps (a segment per warp: G = num_warps) with 32
-# or 64 lanes per segment. (sm_90, ptxas: 106-128 registers at 16 warps, 63 at 32, none
-# spilled; 8 warps hold twice the row per thread and spill.)
-_CONFIGS = [triton.Config({"G": nw, "SEGW": sw, "CHUNK": 2048}, num_warps=nw)
-            for nw, sw in ((16, 32), (16, 64), (32, 32))]
-_tuned = triton.autotune(_CONFIGS, key=["C"])(_shl_staged_kernel)
+# Autotuned on a GPU (per row length and mean segment size): tiles of a segment per warp
+# (16 or 32 warps, 32 or 64 lanes per segment), or of 64 small segments (8 lanes each) for
+# rows of many small segments. sm_90, ptxas: 63-128 registers, at most 4 bytes spilled;
+# 8-warp programs hold twice the row per thread and spill more.
+_CONFIGS = [triton.Config({"G": g, "SEGW": sw, "CHUNK": 2048}, num_warps=nw)
+            for nw, g, sw in ((16, 16, 32), (16, 16, 64), (32, 32, 32), (16, 64, 8))]
+_KEY = ["C", "seg_bucket"]
+_tuned = triton.autotune(_CONFIGS, key=_KEY)(_shl_staged_kernel)
 # Autotuning runs the kernel several times: with the gradient over z, z must be put back.
-_tuned_inplace = triton.autotune(_CONFIGS, key=["C"], restore_value=["z_ptr"])(
+_tuned_inplace = triton.autotune(_CONFIGS, key=_KEY, restore_value=["z_ptr"])(
     _shl_staged_kernel)
 # Under the interpreter: small tiles and chunks, so tests reach every loop.
 _INTERPRET = {"G": 4, "SEGW": 8, "CHUNK": 16}
@@ -241,7 +245,8 @@ def launch_staged(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
     ibits = torch.empty_like(pbits) if ign is not None else None
     args = (z, pos, ign, order32(order), segment_position(order, 32), offsets,
             segment_schedule(offsets), in_segment_order(w, order), eta,
-            in_segment_order(delta, order), grad, pbits, ibits, part, geta, *scale, B, C, m)
+            in_segment_order(delta, order), grad, pbits, ibits, part, geta, *scale, B, C, m,
+            (C // max(m, 1)).bit_length())
     flags = {"HAS_IGN": ign is not None, "HAS_W": w is not None, "HAS_ETA": eta is not None,
              "HAS_DELTA": delta is not None, "NEED_GETA": geta is not None, "CP": CP}
     if interpret:

@@ -433,7 +433,7 @@ _AOT = textwrap.dedent("""
                    position_ptr="*i32", off_ptr="*i64", sched_ptr="*i32", w_ptr=acc,
                    eta_ptr=acc, delta_ptr=acc, grad_ptr=PTR[zt], pbits_ptr="*u8",
                    ibits_ptr="*u8", part_ptr=acc, geta_ptr=acc, scale_hi="fp32",
-                   scale_lo="fp32", B="i32", C="i32", m="i32")
+                   scale_lo="fp32", B="i32", C="i32", m="i32", seg_bucket="i32")
         const = dict(HAS_IGN=has, HAS_W=has, HAS_ETA=has, HAS_DELTA=has, NEED_GETA=has,
                      CP=1 << (C - 1).bit_length(), **cfg.kwargs)
         const.update({n: None for n in ["ign_ptr", "ibits_ptr", "w_ptr", "eta_ptr",
@@ -447,9 +447,9 @@ _AOT = textwrap.dedent("""
         assert kernel.metadata.shared >= const["CP"] * {"fp64": 8, "fp32": 4}.get(zt, 2)
 
     compile_staged("bf16", True, STAGED_CONFIGS[0], 32768)
-    compile_staged("fp32", False, STAGED_CONFIGS[2], 8922)
-    compile_staged("fp64", True, STAGED_CONFIGS[2], 1000)
     compile_staged("fp16", True, STAGED_CONFIGS[1], 40000)
+    compile_staged("fp32", False, STAGED_CONFIGS[2], 8922)
+    compile_staged("fp64", True, STAGED_CONFIGS[3], 1000)
     print("compiled")
 """)
 
