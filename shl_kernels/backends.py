@@ -62,6 +62,9 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b) is None]
 
 
+# A constant to torch.compile: Dynamo calls it while tracing (the backends present do not
+# change) instead of tracing into the cached availability checks.
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device,
             why: Callable[[str], str | None] | None = None) -> str:
     """SPEC section 4: auto = Triton for CUDA tensors, else the native CPU kernel, else torch.

@@ -125,22 +125,46 @@ _TORCH = {KINDS["bce"]: _bce_torch, KINDS["focal"]: _focal_torch, KINDS["asl"]: 
 
 def _elementwise(spec: ElemSpec, logits, targets, ignore, reduction: str, backend: str,
                  weight=None, pos_weight=None) -> torch.Tensor:
-    B, C = _check_logits(logits, reduction)
+    _check_logits(logits, reduction)
+    name = resolve_elementwise(backend, logits.device)
+    if name == "torch":
+        return _elementwise_torch(spec, logits, targets, ignore, reduction, weight, pos_weight)
+    return _elementwise_fused(name, spec, logits, targets, ignore, reduction, weight, pos_weight)
+
+
+def _elementwise_inputs(logits, targets, ignore, weight, pos_weight):
+    """The checked (weight, pos_weight, pos, ign) of an elementwise loss."""
+    B, C = logits.shape
     weight = _label_vector(weight, C, "weight", logits)
     pos_weight = _label_vector(pos_weight, C, "pos_weight", logits)
-    name = resolve_elementwise(backend, logits.device)
     pos = _status(targets, B, C, "targets", logits.device)
     ign = None if ignore is None else _status(ignore, B, C, "ignore", logits.device)
-    if name == "torch" or B * C == 0:
-        acc = _acc(logits.dtype)
+    return weight, pos_weight, pos, ign
 
-        def cast(x):
-            return None if x is None else x.to(acc)
 
-        el = _TORCH[spec.kind](logits.to(acc), pos.bool(), spec, cast(weight), cast(pos_weight))
-        if ign is not None:
-            el = el.masked_fill(ign.bool(), 0.0)
-        return _reduce(el, reduction, logits.dtype)
+def _elementwise_torch(spec: ElemSpec, logits, targets, ignore, reduction: str, weight,
+                       pos_weight) -> torch.Tensor:
+    weight, pos_weight, pos, ign = _elementwise_inputs(logits, targets, ignore, weight,
+                                                       pos_weight)
+    acc = _acc(logits.dtype)
+
+    def cast(x):
+        return None if x is None else x.to(acc)
+
+    el = _TORCH[spec.kind](logits.to(acc), pos.bool(), spec, cast(weight), cast(pos_weight))
+    if ign is not None:
+        el = el.masked_fill(ign.bool(), 0.0)
+    return _reduce(el, reduction, logits.dtype)
+
+
+# Run eagerly under torch.compile (one graph break), as loss._fused_loss.
+@torch.compiler.disable
+def _elementwise_fused(name: str, spec: ElemSpec, logits, targets, ignore, reduction: str,
+                       weight, pos_weight) -> torch.Tensor:
+    if logits.numel() == 0:
+        return _elementwise_torch(spec, logits, targets, ignore, reduction, weight, pos_weight)
+    weight, pos_weight, pos, ign = _elementwise_inputs(logits, targets, ignore, weight,
+                                                       pos_weight)
     return fused_elementwise(name, logits, pos, ign, weight, pos_weight, spec, reduction)
 
 

@@ -116,20 +116,43 @@ def segmented_harmonic_loss(logits: torch.Tensor, targets, seg: Segmentation, *,
     if logits.dtype not in _SUPPORTED:
         raise TypeError(f"logits: unsupported dtype {logits.dtype}; use float32, float64, "
                         "float16 or bfloat16")
-    B, C = logits.shape
+    C = logits.shape[1]
     if C != seg.num_labels:
         raise ValueError(f"logits: has {C} labels, the segmentation {seg.num_labels}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     name = resolve(backend, logits.device)
+    if name == "torch":
+        w, eta, delta, pos, ign = _inputs(logits, targets, seg, label_weights, null_logits,
+                                          logit_offsets, ignore)
+        if inplace:
+            raise ValueError("inplace: needs a fused backend ('cpu', 'triton' or 'cuda')")
+        return shl_loss_reference(logits, pos, seg, w, eta, delta, ign, reduction)
+    return _fused_loss(name, logits, targets, seg, label_weights, null_logits, logit_offsets,
+                       ignore, reduction, inplace)
+
+
+def _inputs(logits: torch.Tensor, targets, seg: Segmentation, label_weights, null_logits,
+            logit_offsets, ignore):
+    """The checked (w, eta, delta, pos, ign) of segmented_harmonic_loss."""
+    B, C = logits.shape
     w = _param(label_weights, (C,), "label_weights", logits, positive=True)
     eta = _param(null_logits, (seg.num_segments,), "null_logits", logits)
     delta = _param(logit_offsets, (C,), "logit_offsets", logits)
     pos = _status(targets, B, C, "targets", logits.device)
     ign = None if ignore is None else _status(ignore, B, C, "ignore", logits.device)
-    if name == "torch" or B == 0:
-        if inplace and name == "torch":
-            raise ValueError("inplace: needs a fused backend ('cpu', 'triton' or 'cuda')")
+    return w, eta, delta, pos, ign
+
+
+# Run eagerly under torch.compile (one graph break): the checks read values on the host and
+# the kernels are native calls, neither of which Dynamo traces.
+@torch.compiler.disable
+def _fused_loss(name: str, logits: torch.Tensor, targets, seg: Segmentation, label_weights,
+                null_logits, logit_offsets, ignore, reduction: str,
+                inplace: bool) -> torch.Tensor:
+    w, eta, delta, pos, ign = _inputs(logits, targets, seg, label_weights, null_logits,
+                                      logit_offsets, ignore)
+    if logits.shape[0] == 0:
         return shl_loss_reference(logits, pos, seg, w, eta, delta, ign, reduction)
     if w is not None and w.requires_grad and torch.is_grad_enabled():
         raise ValueError("label_weights: requires grad, but the fused backends treat label "
