@@ -14,13 +14,14 @@ import shl_kernels as shl
 FUSED = [b for b in shl.available_backends() if b != "torch"]
 
 
-def _problem():
+def _problem(device: str):
     gen = torch.Generator().manual_seed(0)
     C = 40
     ids = torch.randperm(C, generator=gen).tolist()
     seg = shl.Segmentation.from_segments([ids[:25], ids[25:31], ids[31:32], ids[32:]], C)
-    return (seg, torch.randn(6, 16, generator=gen), torch.rand(6, C, generator=gen) < 0.2,
-            torch.rand(C, generator=gen) + 0.5)
+    return (seg, torch.randn(6, 16, generator=gen).to(device),
+            (torch.rand(6, C, generator=gen) < 0.2).to(device),
+            (torch.rand(C, generator=gen) + 0.5).to(device))
 
 
 def _losses(backend: str, seg, targets, w):
@@ -36,10 +37,12 @@ def _losses(backend: str, seg, targets, w):
 @pytest.mark.parametrize("loss", ["shl", "bce", "focal", "asl"])
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_losses_in_compiled_code(backend, loss):
-    seg, x, targets, w = _problem()
+    # GPU backends on CUDA tensors where there is a GPU (else Triton's CPU interpreter)
+    device = "cuda" if backend != "cpu" and torch.cuda.is_available() else "cpu"
+    seg, x, targets, w = _problem(device)
     torch.manual_seed(1)
-    head = torch.nn.Linear(16, seg.num_labels)
-    eta = torch.zeros(seg.num_segments, requires_grad=True)
+    head = torch.nn.Linear(16, seg.num_labels).to(device)
+    eta = torch.zeros(seg.num_segments, device=device, requires_grad=True)
     fn = _losses(backend, seg, targets, w)[loss]
 
     def step(x):
@@ -57,7 +60,7 @@ def test_fused_losses_in_compiled_code(backend, loss):
             [str(w.message)[:200] for w in caught]
         value.backward()
         out[name] = [value.detach(), head.weight.grad.clone(),
-                     torch.zeros(()) if eta.grad is None else eta.grad.clone()]
+                     torch.zeros((), device=device) if eta.grad is None else eta.grad.clone()]
     for a, b in zip(out["compiled"], out["eager"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch._dynamo.reset()
