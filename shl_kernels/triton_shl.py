@@ -364,12 +364,6 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     if m == 0:
         raise ValueError(f"offsets: no segments for {C} labels")
 
-    win = _default_window(B, C, m, dev) if window is None else window
-    seg_mode = win <= 0
-    n_items = m if seg_mode else -(-C // win)
-    if B * n_items >= 2**31:
-        raise ValueError(f"window: {B} x {n_items} programs exceed the grid; use a larger window")
-    part = torch.empty((B, n_items), dtype=acc, device=dev)
     hi = float(np.float32(grad_scale))
     lo = float(np.float32(grad_scale - hi))
     if (STAGED if staged is None else staged) and order is not None:
@@ -382,6 +376,13 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
                     z, pos, ign, order, offsets, w, eta, delta, grad, geta, part, (hi, lo),
                     STAGED_PROGRAMS_PER_SM * _num_sms(dev), aliased, knobs.runtime.interpret)
             return part, grad, geta
+
+    win = _default_window(B, C, m, dev) if window is None else window
+    seg_mode = win <= 0
+    n_items = m if seg_mode else -(-C // win)
+    if B * n_items >= 2**31:
+        raise ValueError(f"window: {B} x {n_items} programs exceed the grid; use a larger window")
+    part = torch.empty((B, n_items), dtype=acc, device=dev)
     args = (z, pos, ign, order, offsets, w, eta, delta, grad, part, geta, hi, lo, C, m, n_items,
             max(win, 0), (m + 1).bit_length(), (C // max(m, 1)).bit_length(),
             max(win, 0).bit_length(), (B * n_items).bit_length())
