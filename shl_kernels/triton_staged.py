@@ -5,9 +5,10 @@ Gathering a shuffled row straight from global memory (triton_shl._shl_kernel wit
 `order`) costs a 32-byte sector per 2-byte element; here a program reads its row in label
 order (coalesced), puts it in segment order with `tl.gather` (lowered through shared memory,
 where random access is cheap), and writes it into the row's own gradient buffer, the pos/ign
-flags into a small per-program scratch. The segments are then done in segment order by the
-same code as the unstaged kernel (contiguous reads that hit L2), writing their gradient over
-the staged row in place, and a last gather puts the gradient back in label order.
+flags as bits into a small per-program scratch (C/4 bytes). The segments are then done in
+tiles side by side (a warp per segment; contiguous reads that hit L2) with the unstaged
+kernel's loads, online max/sum step and gradient formula, writing their gradient over the
+staged row in place, and a last gather puts the gradient back in label order.
 
 Per row, global memory sees the ideal traffic (z and the targets read once, the gradient
 written once); the staged row and its gradient travel between the SM and L2 only.
