@@ -129,6 +129,20 @@ def _online_step(m_l, s_l, u, p):
 
 
 @triton.jit
+def _finish(M, A, eta, npos, pu_sum, pw):
+    """Per segment (any shape), from the max M, the negatives' sum A of exp(u - M), the
+    positives' count, sum of u and sum of w: (exp(eta - M), A with the null class, loss, S)
+    for zero or one positive (with one, the sums over positives are its u and w)."""
+    e_eta = tl.exp(eta - M)
+    A += e_eta
+    pu = tl.where(npos == 1, pu_sum, M)
+    D1 = A + tl.exp(pu - M)
+    loss = tl.where(npos == 0, tl.log(A) + M - eta, pw * (tl.log(D1) + M - pu))
+    S = tl.where(npos == 0, 1.0 / A, pw / D1)
+    return e_eta, A, loss, S
+
+
+@triton.jit
 def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_ptr, row_off,
                    start, end, eta, scale, acc_ty: tl.constexpr, BLOCK: tl.constexpr,
                    HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_W: tl.constexpr,
@@ -151,15 +165,8 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
     M = tl.maximum(tl.max(m_l, axis=0), eta)
     # s_l == 0: nothing summed on that lane (and m_l may be -inf); a NaN s_l must survive.
     A = tl.sum(tl.where(s_l == 0.0, 0.0, s_l * tl.exp(m_l - M)), axis=0)
-    e_eta = tl.exp(eta - M)
-    A += e_eta
     npos = tl.sum(np_l, axis=0)
-    # With one positive the sums over positives are its u and w: no second pass.
-    pu = tl.where(npos == 1, tl.sum(pu_l, axis=0), M)
-    pw = tl.sum(pw_l, axis=0)
-    D1 = A + tl.exp(pu - M)
-    loss = tl.where(npos == 0, tl.log(A) + M - eta, pw * (tl.log(D1) + M - pu))
-    S = tl.where(npos == 0, 1.0 / A, pw / D1)
+    e_eta, A, loss, S = _finish(M, A, eta, npos, tl.sum(pu_l, axis=0), tl.sum(pw_l, axis=0))
     if npos > 1:  # pass 2: several positives
         l_l = tl.zeros([BLOCK], acc_ty)
         sp_l = tl.zeros([BLOCK], acc_ty)

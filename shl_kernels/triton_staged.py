@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .derived import in_segment_order, order32, segment_position, segment_schedule
-from .triton_shl import _load_at, _online_step, _pos_weight, _store_grad
+from .triton_shl import _finish, _load_at, _online_step, _pos_weight, _store_grad
 
 
 @triton.jit
@@ -107,14 +107,8 @@ def _tile_large(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
         pw_l += _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
     M = tl.maximum(tl.max(m_l, axis=1), eta)
     A = tl.sum(tl.where(s_l == 0.0, 0.0, s_l * tl.exp(m_l - M[:, None])), axis=1)
-    e_eta = tl.exp(eta - M)
-    A += e_eta
     npos = tl.sum(np_l, axis=1)
-    pu = tl.where(npos == 1, tl.sum(pu_l, axis=1), M)
-    pw = tl.sum(pw_l, axis=1)
-    D1 = A + tl.exp(pu - M)
-    loss = tl.where(npos == 0, tl.log(A) + M - eta, pw * (tl.log(D1) + M - pu))
-    S = tl.where(npos == 0, 1.0 / A, pw / D1)
+    e_eta, A, loss, S = _finish(M, A, eta, npos, tl.sum(pu_l, axis=1), tl.sum(pw_l, axis=1))
     if tl.max(npos, axis=0) > 1:  # segments with several positives: their sums
         l_l = tl.zeros([G, SEGW], acc_ty)
         sp_l = tl.zeros([G, SEGW], acc_ty)
