@@ -357,6 +357,16 @@ def test_staged_programs_loop_over_rows(per_sm, monkeypatch):
     assert_all_close(got, run_reference(x, "none"), 1e-10, 1e-12)
 
 
+def test_staged_many_segments():
+    """A wider row (300 labels in 40 segments of 1 to ~100): many staging chunks, tiles of
+    mixed sizes, ignored labels and positives everywhere."""
+    gen = torch.Generator().manual_seed(53)
+    cuts = sorted(torch.randperm(298, generator=gen)[:39].add(1).tolist())
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, 300], strict=True)]
+    x = _inputs(_problem(5, sizes, seed=53, pos_p=0.05), F64)
+    assert_all_close(run_fused(x, "none", "staged"), run_reference(x, "none"), 1e-10, 1e-12)
+
+
 def test_staged_only_where_it_applies(monkeypatch):
     """Rows too large for the chip and labels already in segment order take the window
     kernel; shuffled rows that fit take the staged one."""
