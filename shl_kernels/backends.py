@@ -62,13 +62,20 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b) is None]
 
 
-# A constant to torch.compile: Dynamo calls it while tracing (the backends present do not
-# change) instead of tracing into the cached availability checks.
-@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device,
             why: Callable[[str], str | None] | None = None) -> str:
     """SPEC section 4: auto = Triton for CUDA tensors, else the native CPU kernel, else torch.
-    `why` says why a backend is unavailable (default: the SHL kernels' availability)."""
+    `why` says why a backend is unavailable (default: the SHL kernels' availability).
+    Raises ValueError for an unavailable backend or one for the other device."""
+    name, error = _resolved(backend, device, why)
+    if error:
+        raise ValueError(error)
+    return name
+
+
+def _resolve(backend: str, device: torch.device,
+             why: Callable[[str], str | None] | None = None) -> str:
+    """What `resolve` returns or raises."""
     why = why or why_unavailable
     if backend == "auto":
         prefs = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
@@ -84,6 +91,18 @@ def resolve(backend: str, device: torch.device,
         raise ValueError(f"backend: {backend!r} runs on {'CUDA' if wants_cuda else 'CPU'} "
                          f"tensors, the logits are on {device}; move them or pick another backend")
     return backend
+
+
+# A constant to torch.compile: Dynamo calls it while tracing (the backends present do not
+# change) instead of tracing into the cached availability checks; an error comes back as a
+# message for resolve to raise in the traced code (raised in here, Dynamo would wrap it).
+@torch.compiler.assume_constant_result
+def _resolved(backend: str, device: torch.device,
+              why: Callable[[str], str | None] | None) -> tuple[str, str]:
+    try:
+        return _resolve(backend, device, why), ""
+    except ValueError as e:
+        return "", str(e)
 
 
 def fused_kernel(backend: str) -> Callable:

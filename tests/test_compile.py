@@ -68,3 +68,14 @@ def test_fused_losses_in_compiled_code(backend, loss):
     # the only break: the fused loss, run outside the graph
     assert explained.graph_break_count <= 1
     assert all("disable" in str(b.reason) for b in explained.break_reasons)
+
+
+def test_backend_errors_are_plain_value_errors_in_compiled_code():
+    """An unavailable backend (or one for the other device) raises the eager ValueError, not
+    a Dynamo error wrapping it."""
+    seg, _, targets, _ = _problem("cpu")
+    z = torch.randn(6, seg.num_labels, requires_grad=True)
+    fn = torch.compile(lambda z: shl.segmented_harmonic_loss(z, targets, seg, backend="cuda"),
+                       backend="eager")
+    with pytest.raises(ValueError, match="^backend: 'cuda'"):
+        fn(z)
