@@ -94,7 +94,7 @@ TAIL=25 step gpu_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST4[@
 # elementwise losses. "-k 'cuda or triton'" keeps every test of test_cuda_kernel.py and
 # test_triton_kernel.py (their file names match) and drops the elementwise cpu-backend ones
 # (CI runs those). Many small Triton variants to compile: xdist spreads them over the cores.
-TAIL=15 step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
+TAIL=15 step kernel_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
   -k "${KERNEL_TESTS_K:-cuda or triton}" tests/test_cuda_kernel.py tests/test_triton_kernel.py \
   tests/test_elementwise_kernels.py
 
