@@ -227,14 +227,16 @@ def test_triton_schedules(window):
     _check_rows(k, x, torch.arange(0, 256, 2, device=DEV), 1e-5, 2**-8)
 
 
-def test_triton_autotune_inplace_restores_logits():
+@pytest.mark.parametrize("staged", [False, True])
+def test_triton_autotune_inplace_restores_logits(staged):
     """The first in-place call autotunes, i.e. runs the kernel several times on the same
     buffer: the autotuner must restore z between runs."""
     from shl_kernels.triton_shl import shl_fused_triton
+    kernel = functools.partial(shl_fused_triton, staged=staged)
     x = _problem(1000, 20000, 60, torch.float32, seed=8)
-    want = _call(shl_fused_triton, x, 1e-3)
+    want = _call(kernel, x, 1e-3)
     z = x["z"].clone()
-    got = _call(shl_fused_triton, dict(x, z=z), 1e-3, grad_out=z)
+    got = _call(kernel, dict(x, z=z), 1e-3, grad_out=z)
     # the in-place autotuner may pick another BLOCK: same maths, other summation order
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
