@@ -271,8 +271,6 @@ _MAX_WINDOW = 2048
 # SHL_TRITON_STAGED=1: shuffled labels take the staged kernel (triton_staged.py) by default;
 # off until measured on a GPU against the window schedule.
 STAGED = os.environ.get("SHL_TRITON_STAGED", "0") == "1"
-# Programs of the staged kernel per SM (each loops over rows).
-STAGED_PROGRAMS_PER_SM = 2
 
 
 def _default_window(B: int, C: int, m: int, device: torch.device) -> int:
@@ -376,12 +374,13 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     if (STAGED if staged is None else staged) and order is not None:
         from . import triton_staged  # (it imports this module's segment code)
 
-        if triton_staged.fits(C, z.element_size()):
+        how = triton_staged.plan(C, z.element_size())
+        if how is not None:
             part = torch.empty(B, dtype=acc, device=dev)
             with on_device(dev):
                 triton_staged.launch_staged(
                     z, pos, ign, order, offsets, w, eta, delta, grad, geta, part, (hi, lo),
-                    STAGED_PROGRAMS_PER_SM * _num_sms(dev), aliased, knobs.runtime.interpret)
+                    how, _num_sms(dev), aliased, knobs.runtime.interpret)
             return part, grad, geta
 
     win = _default_window(B, C, m, dev) if window is None else window

@@ -12,6 +12,11 @@ staged row in place, and a last gather puts the gradient back in label order.
 
 Per row, global memory sees the ideal traffic (z and the targets read once, the gradient
 written once); the staged row and its gradient travel between the SM and L2 only.
+
+Rows too large for one gather (plan()) are staged in chunks of labels, each gathered into
+place in a pass over the row's positions, into a scratch row per program (the gradient row
+cannot hold the staged row while later chunks still read z, in place), and put back in
+chunks of positions the same way.
 """
 from __future__ import annotations
 
@@ -59,19 +64,20 @@ def _permute_flags(src, pos_bits_ptr, ign_bits_ptr, index_ptr, n, CP: tl.constex
 # eta are [G]; padding rows (start == end, eta 0) give loss 0.
 @triton.jit
 def _tile_load(z_ptr, pos_ptr, ign_ptr, delta_ptr, first, end, acc_ty: tl.constexpr,
-               SEGW: tl.constexpr, HAS_IGN: tl.constexpr, HAS_DELTA: tl.constexpr):
+               SEGW: tl.constexpr, HAS_IGN: tl.constexpr, HAS_DELTA: tl.constexpr,
+               BITS: tl.constexpr):
     idx = first[:, None] + tl.arange(0, SEGW)[None, :]
     return _load_at(z_ptr, pos_ptr, ign_ptr, None, delta_ptr, 0, idx, idx < end[:, None],
-                    acc_ty, HAS_IGN, False, HAS_DELTA, True)
+                    acc_ty, HAS_IGN, False, HAS_DELTA, BITS)
 
 
 @triton.jit
 def _tile_small(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scale,
                 acc_ty: tl.constexpr, SEGW: tl.constexpr, HAS_IGN: tl.constexpr,
-                HAS_W: tl.constexpr, HAS_DELTA: tl.constexpr):
+                HAS_W: tl.constexpr, HAS_DELTA: tl.constexpr, BITS: tl.constexpr):
     """Segments of at most SEGW labels: one load each; the gradient goes over z."""
     col, off, inr, valid, p, u = _tile_load(z_ptr, pos_ptr, ign_ptr, delta_ptr, start, end,
-                                            acc_ty, SEGW, HAS_IGN, HAS_DELTA)
+                                            acc_ty, SEGW, HAS_IGN, HAS_DELTA, BITS)
     M = tl.maximum(tl.max(u, axis=1), eta)
     e = tl.where(valid, tl.exp(u - M[:, None]), 0.0)
     e_eta = tl.exp(eta - M)
@@ -89,7 +95,7 @@ def _tile_small(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
 @triton.jit
 def _tile_large(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scale,
                 acc_ty: tl.constexpr, SEGW: tl.constexpr, HAS_IGN: tl.constexpr,
-                HAS_W: tl.constexpr, HAS_DELTA: tl.constexpr):
+                HAS_W: tl.constexpr, HAS_DELTA: tl.constexpr, BITS: tl.constexpr):
     """Segments of any size: passes over the tile's longest; the gradient goes over z."""
     G: tl.constexpr = start.shape[0]
     m_l = tl.full([G, SEGW], float("-inf"), acc_ty)
@@ -100,7 +106,7 @@ def _tile_large(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
     n = tl.max(end - start, axis=0)
     for j in range(0, n, SEGW):
         col, off, inr, valid, p, u = _tile_load(z_ptr, pos_ptr, ign_ptr, delta_ptr, start + j,
-                                                end, acc_ty, SEGW, HAS_IGN, HAS_DELTA)
+                                                end, acc_ty, SEGW, HAS_IGN, HAS_DELTA, BITS)
         m_l, s_l = _online_step(m_l, s_l, u, p)
         np_l += p.to(tl.int32)
         pu_l += tl.where(p, u, 0.0)
@@ -115,7 +121,7 @@ def _tile_large(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
         for j in range(0, n, SEGW):
             col, off, inr, valid, p, u = _tile_load(z_ptr, pos_ptr, ign_ptr, delta_ptr,
                                                     start + j, end, acc_ty, SEGW, HAS_IGN,
-                                                    HAS_DELTA)
+                                                    HAS_DELTA, BITS)
             wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
             D = A[:, None] + tl.exp(u - M[:, None])
             l_l += tl.where(p, wp * (tl.log(D) + M[:, None] - u), 0.0)
@@ -125,47 +131,102 @@ def _tile_large(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
         S = tl.where(several, tl.sum(sp_l, axis=1), S)
     for j in range(0, n, SEGW):  # gradient
         col, off, inr, valid, p, u = _tile_load(z_ptr, pos_ptr, ign_ptr, delta_ptr, start + j,
-                                                end, acc_ty, SEGW, HAS_IGN, HAS_DELTA)
+                                                end, acc_ty, SEGW, HAS_IGN, HAS_DELTA, BITS)
         wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
         _store_grad(z_ptr, off, inr, valid, p, tl.exp(u - M[:, None]), wp, A[:, None],
                     S[:, None], scale)
     return loss, e_eta * S - (npos == 0).to(acc_ty)
 
 
+@triton.jit
+def _stage_chunk(src, flags, dst_ptr, pos_ptr, ign_ptr, index_ptr, first, n,
+                 SP: tl.constexpr, CHUNK: tl.constexpr, HAS_IGN: tl.constexpr):
+    """Multi-chunk staging, one label chunk: for every position i < n whose label index[i]
+    lies in [first, first + SP), dst[i] = src[index[i] - first] and its flags (bit 0
+    positive, bit 1 ignored) as a byte each in pos / ign."""
+    for j in range(0, n, CHUNK):
+        i = j + tl.arange(0, CHUNK)
+        label = tl.load(index_ptr + i, mask=i < n, other=-1)
+        mine = (label >= first) & (label < first + SP)
+        rel = tl.where(mine, label - first, 0)
+        tl.store(dst_ptr + i, tl.gather(src, rel, 0), mask=mine)
+        f = tl.gather(flags, rel, 0)
+        tl.store(pos_ptr + i, f & 1, mask=mine)
+        if HAS_IGN:
+            tl.store(ign_ptr + i, f >> 1, mask=mine)
+
+
+@triton.jit
+def _unstage_chunk(src, dst_ptr, position_ptr, first, n, SP: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """Multi-chunk unstaging, one position chunk: dst[c] = src[position[c] - first] for every
+    label c < n whose position lies in [first, first + SP)."""
+    for j in range(0, n, CHUNK):
+        c = j + tl.arange(0, CHUNK)
+        at = tl.load(position_ptr + c, mask=c < n, other=-1)
+        mine = (at >= first) & (at < first + SP)
+        tl.store(dst_ptr + c, tl.gather(src, tl.where(mine, at - first, 0), 0), mask=mine)
+
+
+@triton.jit
+def _row_flags(pos_ptr, ign_ptr, off, mask, HAS_IGN: tl.constexpr):
+    """uint8 flags of labels at `off`: bit 0 positive, bit 1 ignored."""
+    flags = (tl.load(pos_ptr + off, mask=mask, other=0) != 0).to(tl.uint8)
+    if HAS_IGN:
+        ign = tl.load(ign_ptr + off, mask=mask, other=0) != 0
+        flags = flags | (ign.to(tl.uint8) << 1)
+    return flags
+
+
 @triton.jit(do_not_specialize=["B", "m", "seg_bucket"])
 def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr, sched_ptr,
-                       w_ptr, eta_ptr, delta_ptr, grad_ptr, pbits_ptr, ibits_ptr, part_ptr,
-                       geta_ptr, scale_hi, scale_lo, B, C, m, seg_bucket,
+                       w_ptr, eta_ptr, delta_ptr, grad_ptr, pbits_ptr, ibits_ptr, stage_ptr,
+                       part_ptr, geta_ptr, scale_hi, scale_lo, B, C, m, seg_bucket,
                        HAS_IGN: tl.constexpr, HAS_W: tl.constexpr, HAS_ETA: tl.constexpr,
                        HAS_DELTA: tl.constexpr, NEED_GETA: tl.constexpr, CP: tl.constexpr,
-                       CHUNK: tl.constexpr, G: tl.constexpr, SEGW: tl.constexpr):
+                       MULTI: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr,
+                       SEGW: tl.constexpr):
     """order_ptr: int32 [C] label id at each segment position; position_ptr: its inverse;
     sched_ptr: int32 [m] segment ids, largest first (tiles of similar sizes); w_ptr /
-    delta_ptr in segment order; pbits_ptr / ibits_ptr: uint8 [programs, CP // 8] scratch, a
-    program's row of pos / ign flags in segment order, a bit each. C <= CP, 8 <= CP.
-    seg_bucket only keys the autotuner."""
+    delta_ptr in segment order. seg_bucket only keys the autotuner.
+    One chunk (MULTI false, C <= CP, 8 <= CP): the row is staged over its own gradient row;
+    pbits_ptr / ibits_ptr: uint8 [programs, CP // 8], a program's pos / ign flags in segment
+    order, a bit each.
+    Several chunks (MULTI, CP < C: the row in chunks of CP labels, each gathered into place
+    in a pass over the positions, and back): the row is staged in stage_ptr ([programs, C],
+    z's dtype), pbits_ptr / ibits_ptr hold a byte per flag ([programs, C])."""
     acc_ty = part_ptr.dtype.element_ty
     pid = tl.program_id(0)
     scale = tl.cast(scale_hi, acc_ty) + tl.cast(scale_lo, acc_ty)
     cols = tl.arange(0, CP)
-    inr = cols < C
-    pbits = pbits_ptr + pid.to(tl.int64) * (CP // 8)
+    if MULTI:
+        slot = pid.to(tl.int64) * C
+    else:
+        slot = pid.to(tl.int64) * (CP // 8)
+    pbits = pbits_ptr + slot
     ibits = ibits_ptr
     if HAS_IGN:
-        ibits = ibits_ptr + pid.to(tl.int64) * (CP // 8)
+        ibits = ibits_ptr + slot
     for row in range(pid, B, tl.num_programs(0)):
         row64 = tl.cast(row, tl.int64)
         row_off = row64 * C
         g_row = grad_ptr + row_off
-        # Stage: the whole row is loaded before any of it is stored (grad_ptr may alias z).
-        zr = tl.load(z_ptr + row_off + cols, mask=inr, other=0.0)
-        tl.debug_barrier()
-        _permute_row(zr, g_row, order_ptr, C, CP, CHUNK)
-        flags = (tl.load(pos_ptr + row_off + cols, mask=inr, other=0) != 0).to(tl.uint8)
-        if HAS_IGN:
-            ign = tl.load(ign_ptr + row_off + cols, mask=inr, other=0) != 0
-            flags = flags | (ign.to(tl.uint8) << 1)
-        _permute_flags(flags, pbits, ibits, order_ptr, C, CP, CHUNK, HAS_IGN)
+        if MULTI:
+            s_row = stage_ptr + slot
+            for first in range(0, C, CP):  # z is only read here: grad_ptr may alias it
+                inr = first + cols < C
+                _stage_chunk(tl.load(z_ptr + row_off + first + cols, mask=inr, other=0.0),
+                             _row_flags(pos_ptr, ign_ptr, row_off + first + cols, inr, HAS_IGN),
+                             s_row, pbits, ibits, order_ptr, first, C, CP, CHUNK, HAS_IGN)
+        else:
+            s_row = g_row
+            inr = cols < C
+            # Stage: the whole row is loaded before any of it is stored (grad_ptr may alias z).
+            zr = tl.load(z_ptr + row_off + cols, mask=inr, other=0.0)
+            tl.debug_barrier()
+            _permute_row(zr, g_row, order_ptr, C, CP, CHUNK)
+            _permute_flags(_row_flags(pos_ptr, ign_ptr, row_off + cols, inr, HAS_IGN), pbits,
+                           ibits, order_ptr, C, CP, CHUNK, HAS_IGN)
         tl.debug_barrier()  # the staged row is read by other threads of the program
         row_loss = tl.zeros([], acc_ty)
         for t in range(0, m, G):
@@ -179,25 +240,44 @@ def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr
             else:
                 eta = tl.zeros([G], acc_ty)
             if tl.max(end - start, axis=0) <= SEGW:
-                loss, geta = _tile_small(g_row, pbits, ibits, w_ptr, delta_ptr, start, end, eta,
-                                         scale, acc_ty, SEGW, HAS_IGN, HAS_W, HAS_DELTA)
+                loss, geta = _tile_small(s_row, pbits, ibits, w_ptr, delta_ptr, start, end, eta,
+                                         scale, acc_ty, SEGW, HAS_IGN, HAS_W, HAS_DELTA,
+                                         not MULTI)
             else:
-                loss, geta = _tile_large(g_row, pbits, ibits, w_ptr, delta_ptr, start, end, eta,
-                                         scale, acc_ty, SEGW, HAS_IGN, HAS_W, HAS_DELTA)
+                loss, geta = _tile_large(s_row, pbits, ibits, w_ptr, delta_ptr, start, end, eta,
+                                         scale, acc_ty, SEGW, HAS_IGN, HAS_W, HAS_DELTA,
+                                         not MULTI)
             row_loss += tl.sum(tl.where(live, loss, 0.0), axis=0)
             if NEED_GETA:
                 tl.store(geta_ptr + row64 * m + k, geta * scale, mask=live)
         tl.store(part_ptr + row, row_loss * scale)
         tl.debug_barrier()  # every segment's gradient is written
-        # Unstage: the whole gradient row is loaded before it is overwritten in label order.
-        g = tl.load(g_row + cols, mask=inr, other=0.0)
-        tl.debug_barrier()
-        _permute_row(g, g_row, position_ptr, C, CP, CHUNK)
+        if MULTI:
+            for first in range(0, C, CP):
+                g = tl.load(s_row + first + cols, mask=first + cols < C, other=0.0)
+                _unstage_chunk(g, g_row, position_ptr, first, C, CP, CHUNK)
+            tl.debug_barrier()  # the stage is refilled for the next row
+        else:
+            # Unstage: the whole gradient row is loaded before it is overwritten in label
+            # order.
+            g = tl.load(g_row + cols, mask=inr, other=0.0)
+            tl.debug_barrier()
+            _permute_row(g, g_row, position_ptr, C, CP, CHUNK)
 
 
-# Largest row staged on chip: the gather's shared memory holds the row (padded to a power
-# of two: 64 KB at 32768 bf16 labels, 128 KB fp32).
+# Largest row (or chunk of a row) staged on chip: the gather's shared memory holds it
+# (padded to a power of two: 64 KB at 32768 bf16 labels, 128 KB fp32).
 STAGED_MAX_BYTES = 128 << 10
+# Rows of up to this many chunks are staged in chunks (each chunk a pass over the row's
+# positions, twice); longer rows take the window kernel.
+MAX_CHUNKS = 4
+# Labels per chunk at most (sm_90, ptxas: chunks of 65536 bf16 labels spill 64-736 bytes
+# per thread, of 32768 none).
+CHUNK_LABELS = 32768
+# Programs per SM, each looping over rows (one per SM in chunks: each holds a staged row
+# in global scratch).
+PROGRAMS_PER_SM = 2
+
 
 # Autotuned on a GPU (per row length and mean segment size): tiles of a segment per warp
 # (16 or 32 warps, 32 or 64 lanes per segment), or of 64 small segments (8 lanes each) for
@@ -219,31 +299,39 @@ def padded_labels(C: int) -> int:
     return max(8, 1 << max(C - 1, 0).bit_length())
 
 
-def fits(C: int, itemsize: int) -> bool:
-    """Whether rows of C labels of `itemsize` bytes can be staged on chip."""
-    return padded_labels(C) * itemsize <= STAGED_MAX_BYTES
+def plan(C: int, itemsize: int) -> tuple[int, bool] | None:
+    """How rows of C labels of `itemsize` bytes are staged: (CP, False) in one chunk of CP
+    labels, (CP, True) in chunks of CP labels, None not at all (too many chunks)."""
+    if padded_labels(C) * itemsize <= STAGED_MAX_BYTES:
+        return padded_labels(C), False
+    CP = min(STAGED_MAX_BYTES // itemsize, CHUNK_LABELS)
+    return (CP, True) if -(-C // CP) <= MAX_CHUNKS else None
 
 
 def launch_staged(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                   order: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor | None,
                   eta: torch.Tensor | None, delta: torch.Tensor | None, grad: torch.Tensor,
                   geta: torch.Tensor | None, part: torch.Tensor, scale: tuple[float, float],
-                  programs: int, aliased: bool, interpret: bool) -> None:
+                  how: tuple[int, bool], sms: int, aliased: bool, interpret: bool) -> None:
     """Runs _shl_staged_kernel on conforming inputs (triton_shl.shl_fused_triton checks
     them): writes grad, geta (or None) and part [B] (the row losses times the scale, given
-    as fp32 halves). `programs`: at most this many programs (each loops over rows)."""
+    as fp32 halves). how: plan(C, itemsize); sms: the device's SM count."""
     B, C = z.shape
     m = offsets.numel() - 1
-    CP = padded_labels(C)
-    programs = max(1, min(B, programs))
-    pbits = torch.empty((programs, CP // 8), dtype=torch.uint8, device=z.device)
+    CP, multi = how
+    programs = max(1, min(B, sms if multi else PROGRAMS_PER_SM * sms))
+    dev = z.device
+    flag_bytes = C if multi else CP // 8
+    pbits = torch.empty((programs, flag_bytes), dtype=torch.uint8, device=dev)
     ibits = torch.empty_like(pbits) if ign is not None else None
+    stage = torch.empty((programs, C), dtype=z.dtype, device=dev) if multi else None
     args = (z, pos, ign, order32(order), segment_position(order, 32), offsets,
             segment_schedule(offsets), in_segment_order(w, order), eta,
-            in_segment_order(delta, order), grad, pbits, ibits, part, geta, *scale, B, C, m,
-            (C // max(m, 1)).bit_length())
+            in_segment_order(delta, order), grad, pbits, ibits, stage, part, geta, *scale, B, C,
+            m, (C // max(m, 1)).bit_length())
     flags = {"HAS_IGN": ign is not None, "HAS_W": w is not None, "HAS_ETA": eta is not None,
-             "HAS_DELTA": delta is not None, "NEED_GETA": geta is not None, "CP": CP}
+             "HAS_DELTA": delta is not None, "NEED_GETA": geta is not None, "CP": CP,
+             "MULTI": multi}
     if interpret:
         _shl_staged_kernel[(programs,)](*args, **flags,
                                         **dict(_INTERPRET, CHUNK=min(CP, _INTERPRET["CHUNK"])))

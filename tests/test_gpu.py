@@ -124,6 +124,15 @@ def test_odd_label_count(kernel):
     _check_rows(kernel, x, torch.arange(0, 512, 3, device=DEV), 1e-5, 2**-8)
 
 
+@pytest.mark.parametrize("C, dtype", [(74000, torch.bfloat16), (40000, torch.float32)])
+def test_rows_beyond_one_staged_chunk(kernel, C, dtype):
+    """All ICD-10-CM codes in bf16, 40000 labels in fp32: the staged Triton kernel takes
+    these rows in chunks."""
+    x = _problem(64, C, 300, dtype, seed=12)
+    _check_rows(kernel, x, torch.arange(0, 64, 3, device=DEV), 1e-5,
+                2**-8 if dtype == torch.bfloat16 else 1e-5)
+
+
 def test_fp32_no_worse_than_reference_fp32(kernel):
     x = _problem(64, 32768, 100, torch.float32, seed=1, scale=5.0)
     rows = torch.arange(64, device=DEV)

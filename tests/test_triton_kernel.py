@@ -351,7 +351,7 @@ def test_public_api(inplace, staged, monkeypatch):
 def test_staged_programs_loop_over_rows(per_sm, monkeypatch):
     """One program for every row, two for five, one per row: the same answer (the interpreter
     has one 'SM')."""
-    monkeypatch.setattr(triton_shl, "STAGED_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(triton_staged, "PROGRAMS_PER_SM", per_sm)
     x = _inputs(_special_cases(), F64)
     got = run_fused(x, "none", "staged")
     assert_all_close(got, run_reference(x, "none"), 1e-10, 1e-12)
@@ -365,6 +365,57 @@ def test_staged_many_segments():
     sizes = [b - a for a, b in zip([0, *cuts], [*cuts, 300], strict=True)]
     x = _inputs(_problem(5, sizes, seed=53, pos_p=0.05), F64)
     assert_all_close(run_fused(x, "none", "staged"), run_reference(x, "none"), 1e-10, 1e-12)
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """Staged rows in chunks of 16 fp64 / 32 fp32 / 64 bf16 labels (rows larger than that
+    take the multi-chunk staging)."""
+    monkeypatch.setattr(triton_staged, "STAGED_MAX_BYTES", 128)
+    monkeypatch.setattr(triton_staged, "MAX_CHUNKS", 100)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", ["odd", "big", "mixed", "tiles"])
+def test_staged_in_chunks(shape, reduction, chunked):
+    B, sizes = SHAPES[shape]
+    x = _inputs(_problem(B, sizes, seed=len(sizes)), F64)
+    assert triton_staged.plan(sum(sizes), 8)[1]  # several chunks
+    assert_all_close(run_fused(x, reduction, "staged"), run_reference(x, reduction), 1e-10,
+                     1e-12)
+
+
+def test_staged_in_chunks_special_rows_and_nan(chunked):
+    x = _inputs(_special_cases(), F64)
+    got = run_fused(x, "none", "staged")
+    assert_all_close(got, run_reference(x, "none"), 1e-10, 1e-12)
+    assert (got[1][x["ign"]] == 0).all()
+    test_nan_and_inf_propagate("staged")  # fp32: chunks of 32 labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_in_chunks_in_place_and_poisoned(dtype, chunked):
+    x = _inputs(_problem(3, [40, 1, 4, 25, 30], seed=59), dtype)
+    assert triton_staged.plan(100, x["z"].element_size())[1]
+    fresh = _direct(x, staged=True)
+    poisoned = torch.full_like(x["z"], float("nan"))
+    got = _direct(x, grad_out=poisoned, staged=True)
+    assert not torch.isnan(poisoned).any()
+    z = x["z"].clone()
+    inplace = _direct(dict(x, z=z), grad_out=z, staged=True)
+    for a, b, c in zip(fresh, got, inplace, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    want = run_reference(x, "none")
+    torch.testing.assert_close(fresh[0].double() / 0.25, want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_staged_plan():
+    assert triton_staged.plan(5, 4) == (8, False)
+    assert triton_staged.plan(32768, 2) == (32768, False)
+    assert triton_staged.plan(32769, 4) == (32768, True)  # 128 KB chunks of fp32
+    assert triton_staged.plan(65536, 2) == (65536, False)
+    assert triton_staged.plan(74000, 2) == (32768, True)  # all ICD-10-CM codes, bf16
+    assert triton_staged.plan(4 * 32768 + 1, 4) is None  # more than MAX_CHUNKS
 
 
 def test_staged_only_where_it_applies(monkeypatch):
@@ -382,6 +433,7 @@ def test_staged_only_where_it_applies(monkeypatch):
     assert_all_close(run_fused(ident, "none", "staged", identity=True),
                      run_reference(ident, "none"), 1e-10, 1e-12)
     monkeypatch.setattr(triton_staged, "STAGED_MAX_BYTES", 8 * 16)  # 16 fp64 labels
+    monkeypatch.setattr(triton_staged, "MAX_CHUNKS", 1)  # and no chunks
     assert_all_close(run_fused(x, "none", "staged"), want, 1e-10, 1e-12)
     assert len(calls) == 1
 
@@ -435,31 +487,38 @@ _AOT = textwrap.dedent("""
     compile_for_h100("fp16", False, False, _CONFIGS[1])
 
     from shl_kernels.triton_staged import _CONFIGS as STAGED_CONFIGS
-    from shl_kernels.triton_staged import _shl_staged_kernel
+    from shl_kernels.triton_staged import _shl_staged_kernel, plan
 
     def compile_staged(zt, has, cfg, C):
         acc = "*fp64" if zt == "fp64" else "*fp32"
+        size = {"fp64": 8, "fp32": 4}.get(zt, 2)
+        CP, multi = plan(C, size)
         sig = dict(z_ptr=PTR[zt], pos_ptr="*u8", ign_ptr="*u8", order_ptr="*i32",
                    position_ptr="*i32", off_ptr="*i64", sched_ptr="*i32", w_ptr=acc,
                    eta_ptr=acc, delta_ptr=acc, grad_ptr=PTR[zt], pbits_ptr="*u8",
-                   ibits_ptr="*u8", part_ptr=acc, geta_ptr=acc, scale_hi="fp32",
-                   scale_lo="fp32", B="i32", C="i32", m="i32", seg_bucket="i32")
+                   ibits_ptr="*u8", stage_ptr=PTR[zt], part_ptr=acc, geta_ptr=acc,
+                   scale_hi="fp32", scale_lo="fp32", B="i32", C="i32", m="i32",
+                   seg_bucket="i32")
         const = dict(HAS_IGN=has, HAS_W=has, HAS_ETA=has, HAS_DELTA=has, NEED_GETA=has,
-                     CP=1 << (C - 1).bit_length(), **cfg.kwargs)
+                     CP=CP, MULTI=multi, **cfg.kwargs)
         const.update({n: None for n in ["ign_ptr", "ibits_ptr", "w_ptr", "eta_ptr",
                                         "delta_ptr", "geta_ptr"] if not has})
+        if not multi:
+            const["stage_ptr"] = None
         sig.update({n: "constexpr" for n in const})
         src = triton.compiler.ASTSource(fn=_shl_staged_kernel, signature=sig, constexprs=const)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": cfg.num_warps})
         assert kernel.asm["cubin"]
-        # the gather's shared memory holds the padded row
-        assert kernel.metadata.shared >= const["CP"] * {"fp64": 8, "fp32": 4}.get(zt, 2)
+        # the gather's shared memory holds the padded row, or a chunk of it
+        assert kernel.metadata.shared >= CP * size
 
     compile_staged("bf16", True, STAGED_CONFIGS[0], 32768)
     compile_staged("fp16", True, STAGED_CONFIGS[1], 40000)
     compile_staged("fp32", False, STAGED_CONFIGS[2], 8922)
     compile_staged("fp64", True, STAGED_CONFIGS[3], 1000)
+    compile_staged("bf16", True, STAGED_CONFIGS[2], 74000)  # in chunks
+    compile_staged("fp32", False, STAGED_CONFIGS[0], 40000)  # in chunks
     print("compiled")
 """)
 
