@@ -107,12 +107,15 @@ TAIL=15 step kernel_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 # about half a row: what a window pass costs). (It measures the device copy bandwidth
 # first.) Then fp32 rows of 150000 labels (larger than shared memory: cuda staged takes
 # windows; windows/100KB: smaller ones, two blocks per SM) against the unstaged kernel and
-# Triton, and where the host time of a B=16 step
+# Triton, bf16 rows of 74000 labels (all ICD-10-CM codes: the staged Triton kernel in
+# chunks), and where the host time of a B=16 step
 # goes, in the same log.
 TAIL=80 step kernel_bw 220 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,2048 \
   --shape 4096,32768,100 --shape 4096,32768,1000 --shape 2048,8922,300 --shape 16,8192,64 && \
   $PY benchmarks/kernel_bandwidth.py --dtype float32 --shape 512,150000,300 \
   --kernels 'cuda staged,cuda windows/100KB,cuda unstaged,triton' --repeats 10 && \
+  $PY benchmarks/kernel_bandwidth.py --shape 1024,74000,300 --orders shuffled \
+  --kernels 'cuda staged,triton,triton staged' --repeats 10 && \
   $PY benchmarks/profile_step.py --steps 30"
 
 # Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels), flat and
