@@ -36,11 +36,11 @@ _ACC = {torch.float32: torch.float32, torch.float16: torch.float32,
 @triton.jit
 def _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off, j, end,
            acc_ty: tl.constexpr, BLOCK: tl.constexpr, HAS_IGN: tl.constexpr,
-           HAS_ORDER: tl.constexpr, HAS_DELTA: tl.constexpr):
+           HAS_ORDER: tl.constexpr, HAS_DELTA: tl.constexpr, BITS: tl.constexpr = False):
     """Positions [j, j+BLOCK) of a segment ending at `end`: see _load_at."""
     idx = j + tl.arange(0, BLOCK)
     return _load_at(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off, idx, idx < end,
-                    acc_ty, HAS_IGN, HAS_ORDER, HAS_DELTA, False)
+                    acc_ty, HAS_IGN, HAS_ORDER, HAS_DELTA, BITS)
 
 
 @triton.jit
@@ -146,7 +146,7 @@ def _finish(M, A, eta, npos, pu_sum, pw):
 def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_ptr, row_off,
                    start, end, eta, scale, acc_ty: tl.constexpr, BLOCK: tl.constexpr,
                    HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_W: tl.constexpr,
-                   HAS_DELTA: tl.constexpr):
+                   HAS_DELTA: tl.constexpr, BITS: tl.constexpr = False):
     # Pass 1, per lane: running max m_l over valid u (positives included: D_p needs
     # exp(u_p - M) <= 1) and sum s_l of exp(u - m_l) over the negatives (_online_step).
     m_l = tl.full([BLOCK], float("-inf"), acc_ty)
@@ -157,7 +157,7 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
     for j in range(start, end, BLOCK):
         col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr,
                                             row_off, j, end, acc_ty, BLOCK, HAS_IGN, HAS_ORDER,
-                                            HAS_DELTA)
+                                            HAS_DELTA, BITS)
         m_l, s_l = _online_step(m_l, s_l, u, p)
         np_l += p.to(tl.int32)
         pu_l += tl.where(p, u, 0.0)
@@ -173,7 +173,7 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
         for j in range(start, end, BLOCK):
             col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr,
                                                 row_off, j, end, acc_ty, BLOCK, HAS_IGN,
-                                                HAS_ORDER, HAS_DELTA)
+                                                HAS_ORDER, HAS_DELTA, BITS)
             wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
             D = A + tl.exp(u - M)
             l_l += tl.where(p, wp * (tl.log(D) + M - u), 0.0)
@@ -183,7 +183,7 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
     for j in range(start, end, BLOCK):  # pass 3: gradient
         col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr,
                                             row_off, j, end, acc_ty, BLOCK, HAS_IGN, HAS_ORDER,
-                                            HAS_DELTA)
+                                            HAS_DELTA, BITS)
         wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
         _store_grad(grad_ptr, off, inr, valid, p, tl.exp(u - M), wp, A, S, scale)
     return loss, e_eta * S - (npos == 0).to(acc_ty)

@@ -5,10 +5,12 @@ Gathering a shuffled row straight from global memory (triton_shl._shl_kernel wit
 `order`) costs a 32-byte sector per 2-byte element; here a program reads its row in label
 order (coalesced), puts it in segment order with `tl.gather` (lowered through shared memory,
 where random access is cheap), and writes it into the row's own gradient buffer, the pos/ign
-flags as bits into a small per-program scratch (C/4 bytes). The segments are then done in
-tiles side by side (a warp per segment; contiguous reads that hit L2) with the unstaged
-kernel's loads, online max/sum step and gradient formula, writing their gradient over the
-staged row in place, and a last gather puts the gradient back in label order.
+flags as bits into a small per-program scratch (C/4 bytes). The segments are then done,
+largest first, with contiguous reads that hit L2: those of at least a program's lanes one
+at a time by the whole program (the unstaged kernel's segment code), the rest in tiles side
+by side (a warp per segment, with the unstaged kernel's loads, online max/sum step and
+gradient formula), writing their gradient over the staged row in place; a last gather puts
+the gradient back in label order.
 
 Per row, global memory sees the ideal traffic (z and the targets read once, the gradient
 written once); the staged row and its gradient travel between the SM and L2 only.
@@ -25,7 +27,14 @@ import triton
 import triton.language as tl
 
 from .derived import in_segment_order, order32, segment_position, segment_schedule
-from .triton_shl import _finish, _load_at, _online_step, _pos_weight, _store_grad
+from .triton_shl import (
+    _finish,
+    _load_at,
+    _online_step,
+    _pos_weight,
+    _segment_large,
+    _store_grad,
+)
 
 
 @triton.jit
@@ -229,7 +238,28 @@ def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr
                            ibits, order_ptr, C, CP, CHUNK, HAS_IGN)
         tl.debug_barrier()  # the staged row is read by other threads of the program
         row_loss = tl.zeros([], acc_ty)
-        for t in range(0, m, G):
+        # Segments of at least G x SEGW labels (the largest come first) one at a time by the
+        # whole program: in a tile one warp would take them while the others wait.
+        t0 = tl.zeros([], tl.int32)
+        size = tl.load(off_ptr + tl.load(sched_ptr) + 1) - tl.load(off_ptr + tl.load(sched_ptr))
+        while (t0 < m) & (size >= G * SEGW):
+            k = tl.load(sched_ptr + t0)
+            start = tl.load(off_ptr + k)
+            end = tl.load(off_ptr + k + 1)
+            if HAS_ETA:
+                eta = tl.load(eta_ptr + k).to(acc_ty)
+            else:
+                eta = tl.zeros([], acc_ty)
+            loss, geta = _segment_large(s_row, pbits, ibits, None, w_ptr, delta_ptr, s_row, 0,
+                                        start, end, eta, scale, acc_ty, G * SEGW, HAS_IGN,
+                                        False, HAS_W, HAS_DELTA, not MULTI)
+            row_loss += loss
+            if NEED_GETA:
+                tl.store(geta_ptr + row64 * m + k, geta * scale)
+            t0 += 1
+            nxt = tl.load(sched_ptr + t0, mask=t0 < m, other=0)
+            size = tl.where(t0 < m, tl.load(off_ptr + nxt + 1) - tl.load(off_ptr + nxt), 0)
+        for t in range(t0, m, G):
             kt = t + tl.arange(0, G)
             live = kt < m
             k = tl.load(sched_ptr + kt, mask=live, other=0)
