@@ -216,6 +216,14 @@ def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr
     ibits = ibits_ptr
     if HAS_IGN:
         ibits = ibits_ptr + slot
+    # Segments of at least G x SEGW labels (the first n_big of the schedule) are done one at
+    # a time by the whole program: in a tile one warp would take each while the others wait.
+    n_big = tl.zeros([], tl.int32)
+    size = tl.load(off_ptr + tl.load(sched_ptr) + 1) - tl.load(off_ptr + tl.load(sched_ptr))
+    while (n_big < m) & (size >= G * SEGW):
+        n_big += 1
+        k = tl.load(sched_ptr + n_big, mask=n_big < m, other=0)
+        size = tl.where(n_big < m, tl.load(off_ptr + k + 1) - tl.load(off_ptr + k), 0)
     for row in range(pid, B, tl.num_programs(0)):
         row64 = tl.cast(row, tl.int64)
         row_off = row64 * C
@@ -238,12 +246,8 @@ def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr
                            ibits, order_ptr, C, CP, CHUNK, HAS_IGN)
         tl.debug_barrier()  # the staged row is read by other threads of the program
         row_loss = tl.zeros([], acc_ty)
-        # Segments of at least G x SEGW labels (the largest come first) one at a time by the
-        # whole program: in a tile one warp would take them while the others wait.
-        t0 = tl.zeros([], tl.int32)
-        size = tl.load(off_ptr + tl.load(sched_ptr) + 1) - tl.load(off_ptr + tl.load(sched_ptr))
-        while (t0 < m) & (size >= G * SEGW):
-            k = tl.load(sched_ptr + t0)
+        for t in range(n_big):  # large segments, each by the whole program
+            k = tl.load(sched_ptr + t)
             start = tl.load(off_ptr + k)
             end = tl.load(off_ptr + k + 1)
             if HAS_ETA:
@@ -256,10 +260,7 @@ def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr
             row_loss += loss
             if NEED_GETA:
                 tl.store(geta_ptr + row64 * m + k, geta * scale)
-            t0 += 1
-            nxt = tl.load(sched_ptr + t0, mask=t0 < m, other=0)
-            size = tl.where(t0 < m, tl.load(off_ptr + nxt + 1) - tl.load(off_ptr + nxt), 0)
-        for t in range(t0, m, G):
+        for t in range(n_big, m, G):  # the rest in tiles, a warp per segment
             kt = t + tl.arange(0, G)
             live = kt < m
             k = tl.load(sched_ptr + kt, mask=live, other=0)
@@ -311,7 +312,7 @@ PROGRAMS_PER_SM = 2
 
 # Autotuned on a GPU (per row length and mean segment size): tiles of a segment per warp
 # (16 or 32 warps, 32 or 64 lanes per segment), or of 64 small segments (8 lanes each) for
-# rows of many small segments. sm_90, ptxas: 63-128 registers, at most 4 bytes spilled per
+# rows of many small segments. sm_90, ptxas: 63-128 registers, at most 8 bytes spilled per
 # thread (64 in fp32 chunks at 32 warps); 8-warp programs hold twice the row per thread and
 # spill more.
 _CONFIGS = [triton.Config({"G": g, "SEGW": sw, "CHUNK": 2048}, num_warps=nw)
