@@ -312,9 +312,9 @@ PROGRAMS_PER_SM = 2
 
 # Autotuned on a GPU (per row length and mean segment size): tiles of a segment per warp
 # (16 or 32 warps, 32 or 64 lanes per segment), or of 64 small segments (8 lanes each) for
-# rows of many small segments. sm_90, ptxas: 63-128 registers, at most 8 bytes spilled per
-# thread (64 in fp32 chunks at 32 warps); 8-warp programs hold twice the row per thread and
-# spill more.
+# rows of many small segments. sm_90 (benchmarks/triton_resources.py): 64-128 registers,
+# 0-28 bytes per thread spilled (up to 64 in fp32 chunks); 8-warp programs hold twice the
+# row per thread and spill more.
 _CONFIGS = [triton.Config({"G": g, "SEGW": sw, "CHUNK": 2048}, num_warps=nw)
             for nw, g, sw in ((16, 16, 32), (16, 16, 64), (32, 32, 32), (16, 64, 8))]
 _KEY = ["C", "seg_bucket"]

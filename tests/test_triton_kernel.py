@@ -458,67 +458,27 @@ def test_bad_input():
 
 
 _AOT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from shl_kernels.triton_shl import _CONFIGS, _shl_kernel
+    import sys
+    sys.path.insert(0, "benchmarks")
+    from triton_resources import BYTES, staged_kernel, window_kernel
+    from shl_kernels.triton_shl import _CONFIGS
+    from shl_kernels.triton_staged import _CONFIGS as STAGED_CONFIGS, plan
 
-    PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
-    OPTIONAL = ["ign_ptr", "order_ptr", "w_ptr", "eta_ptr", "delta_ptr", "geta_ptr"]
-
-    def compile_for_h100(zt, has, seg_mode, cfg):
-        acc = "*fp64" if zt == "fp64" else "*fp32"
-        sig = dict(z_ptr=PTR[zt], pos_ptr="*u8", ign_ptr="*u8", order_ptr="*i64",
-                   off_ptr="*i64", w_ptr=acc, eta_ptr=acc, delta_ptr=acc, grad_ptr=PTR[zt],
-                   part_ptr=acc, geta_ptr=acc, scale_hi="fp32", scale_lo="fp32")
-        sig.update({n: "i32" for n in ["C", "m", "n_items", "window", "n_iter",
-                                       "seg_bucket", "win_bucket", "par_bucket"]})
-        const = dict(HAS_IGN=has, HAS_ORDER=has, HAS_W=has, HAS_ETA=has, HAS_DELTA=has,
-                     NEED_GETA=has, SEG_MODE=seg_mode, BLOCK=cfg.kwargs["BLOCK"])
-        const.update({n: None for n in OPTIONAL if not has})
-        sig.update({n: "constexpr" for n in const})
-        src = triton.compiler.ASTSource(fn=_shl_kernel, signature=sig, constexprs=const)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": cfg.num_warps})
-        assert kernel.asm["cubin"]
-
-    compile_for_h100("bf16", True, False, _CONFIGS[-1])
-    compile_for_h100("fp32", False, True, _CONFIGS[0])
-    compile_for_h100("fp64", True, True, _CONFIGS[3])
-    compile_for_h100("fp16", False, False, _CONFIGS[1])
-
-    from shl_kernels.triton_staged import _CONFIGS as STAGED_CONFIGS
-    from shl_kernels.triton_staged import _shl_staged_kernel, plan
-
-    def compile_staged(zt, has, cfg, C):
-        acc = "*fp64" if zt == "fp64" else "*fp32"
-        size = {"fp64": 8, "fp32": 4}.get(zt, 2)
-        CP, multi = plan(C, size)
-        sig = dict(z_ptr=PTR[zt], pos_ptr="*u8", ign_ptr="*u8", order_ptr="*i32",
-                   position_ptr="*i32", off_ptr="*i64", sched_ptr="*i32", w_ptr=acc,
-                   eta_ptr=acc, delta_ptr=acc, grad_ptr=PTR[zt], pbits_ptr="*u8",
-                   ibits_ptr="*u8", stage_ptr=PTR[zt], part_ptr=acc, geta_ptr=acc,
-                   scale_hi="fp32", scale_lo="fp32", B="i32", C="i32", m="i32",
-                   seg_bucket="i32")
-        const = dict(HAS_IGN=has, HAS_W=has, HAS_ETA=has, HAS_DELTA=has, NEED_GETA=has,
-                     CP=CP, MULTI=multi, **cfg.kwargs)
-        const.update({n: None for n in ["ign_ptr", "ibits_ptr", "w_ptr", "eta_ptr",
-                                        "delta_ptr", "geta_ptr"] if not has})
-        if not multi:
-            const["stage_ptr"] = None
-        sig.update({n: "constexpr" for n in const})
-        src = triton.compiler.ASTSource(fn=_shl_staged_kernel, signature=sig, constexprs=const)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": cfg.num_warps})
+    for zt, has, seg_mode, cfg in [("bf16", True, False, _CONFIGS[-1]),
+                                   ("fp32", False, True, _CONFIGS[0]),
+                                   ("fp64", True, True, _CONFIGS[3]),
+                                   ("fp16", False, False, _CONFIGS[1])]:
+        assert window_kernel(zt, has, seg_mode, cfg).asm["cubin"]
+    for zt, has, cfg, C in [("bf16", True, STAGED_CONFIGS[0], 32768),
+                            ("fp16", True, STAGED_CONFIGS[1], 40000),
+                            ("fp32", False, STAGED_CONFIGS[2], 8922),
+                            ("fp64", True, STAGED_CONFIGS[3], 1000),
+                            ("bf16", True, STAGED_CONFIGS[2], 74000),  # in chunks
+                            ("fp32", False, STAGED_CONFIGS[0], 40000)]:  # in chunks
+        kernel = staged_kernel(zt, has, cfg, C)
         assert kernel.asm["cubin"]
         # the gather's shared memory holds the padded row, or a chunk of it
-        assert kernel.metadata.shared >= CP * size
-
-    compile_staged("bf16", True, STAGED_CONFIGS[0], 32768)
-    compile_staged("fp16", True, STAGED_CONFIGS[1], 40000)
-    compile_staged("fp32", False, STAGED_CONFIGS[2], 8922)
-    compile_staged("fp64", True, STAGED_CONFIGS[3], 1000)
-    compile_staged("bf16", True, STAGED_CONFIGS[2], 74000)  # in chunks
-    compile_staged("fp32", False, STAGED_CONFIGS[0], 40000)  # in chunks
+        assert kernel.metadata.shared >= plan(C, BYTES[zt])[0] * BYTES[zt]
     print("compiled")
 """)
 
