@@ -190,6 +190,16 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
 
 
 @triton.jit
+def _segment_at(off_ptr, eta_ptr, k, acc_ty: tl.constexpr, HAS_ETA: tl.constexpr):
+    """Segment k's first and end positions and its null logit (0 without eta)."""
+    if HAS_ETA:
+        eta = tl.load(eta_ptr + k).to(acc_ty)
+    else:
+        eta = tl.zeros([], acc_ty)
+    return tl.load(off_ptr + k), tl.load(off_ptr + k + 1), eta
+
+
+@triton.jit
 def _lower_bound(off_ptr, n, target, n_iter):
     """First i in [0, n] with off[i] >= target; off sorted and off[n] >= target."""
     lo = tl.zeros([], tl.int32)
@@ -227,12 +237,7 @@ def _shl_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, off_ptr, w_ptr, eta_ptr, del
     scale = tl.cast(scale_hi, acc_ty) + tl.cast(scale_lo, acc_ty)
     row_loss = tl.zeros([], acc_ty)
     for k in range(k0, k1):
-        start = tl.load(off_ptr + k)
-        end = tl.load(off_ptr + k + 1)
-        if HAS_ETA:
-            eta = tl.load(eta_ptr + k).to(acc_ty)
-        else:
-            eta = tl.zeros([], acc_ty)
+        start, end, eta = _segment_at(off_ptr, eta_ptr, k, acc_ty, HAS_ETA)
         if end - start <= BLOCK:
             loss, geta = _segment_small(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr,
                                         grad_ptr, row_off, start, end, eta, scale, acc_ty,

@@ -32,6 +32,7 @@ from .triton_shl import (
     _load_at,
     _online_step,
     _pos_weight,
+    _segment_at,
     _segment_large,
     _store_grad,
 )
@@ -248,12 +249,7 @@ def _shl_staged_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, position_ptr, off_ptr
         row_loss = tl.zeros([], acc_ty)
         for t in range(n_big):  # large segments, each by the whole program
             k = tl.load(sched_ptr + t)
-            start = tl.load(off_ptr + k)
-            end = tl.load(off_ptr + k + 1)
-            if HAS_ETA:
-                eta = tl.load(eta_ptr + k).to(acc_ty)
-            else:
-                eta = tl.zeros([], acc_ty)
+            start, end, eta = _segment_at(off_ptr, eta_ptr, k, acc_ty, HAS_ETA)
             loss, geta = _segment_large(s_row, pbits, ibits, None, w_ptr, delta_ptr, s_row, 0,
                                         start, end, eta, scale, acc_ty, G * SEGW, HAS_IGN,
                                         False, HAS_W, HAS_DELTA, not MULTI)
