@@ -6,7 +6,8 @@
 # Knobs for a targeted rerun: STEPS, DEVICE_SECONDS, BENCH_LOSSES, KERNEL_TESTS_K, GIT_COMMIT.
 # Every step is timed and bounded; a failing step is reported and the next ones still run.
 # The whole script stays under ~8 minutes. Logs and results go to ${OUT:-benchmarks/results}:
-# one log per step plus bench_loss's CSV, 8 files, the most a device run brings back from $OUT.
+# one log per step plus bench_loss's CSV; a device run brings back at most 8 files from $OUT,
+# so pick steps with STEPS (all of them make 9).
 # Usage: bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -105,17 +106,18 @@ TAIL=15 step kernel_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 # copy bandwidth, at 100 and 1000 segments, at C=8922 (not a multiple of 8: rows with a
 # head and a tail) and at B=16, with `cuda windows/2` (rows that fit staged in windows of
 # about half a row: what a window pass costs). (It measures the device copy bandwidth
-# first.) Then fp32 rows of 150000 labels (larger than shared memory: cuda staged takes
-# windows; windows/100KB: smaller ones, two blocks per SM) against the unstaged kernel and
-# Triton, bf16 rows of 74000 labels (all ICD-10-CM codes: the staged Triton kernel in
-# chunks), and where the host time of a B=16 step
-# goes, in the same log.
-TAIL=80 step kernel_bw 220 bash -c "$PY benchmarks/kernel_bandwidth.py --block-mins off,2048 \
-  --shape 4096,32768,100 --shape 4096,32768,1000 --shape 2048,8922,300 --shape 16,8192,64 && \
-  $PY benchmarks/kernel_bandwidth.py --dtype float32 --shape 512,150000,300 \
-  --kernels 'cuda staged,cuda windows/100KB,cuda unstaged,triton' --repeats 10 && \
-  $PY benchmarks/kernel_bandwidth.py --shape 1024,74000,300 --orders shuffled \
-  --kernels 'cuda staged,triton,triton staged' --repeats 10 && \
+# first.)
+TAIL=60 step kernel_bw 200 "$PY" benchmarks/kernel_bandwidth.py --block-mins off,2048 \
+  --shape 4096,32768,100 --shape 4096,32768,1000 --shape 2048,8922,300 --shape 16,8192,64
+
+# Rows beyond shared memory: fp32 rows of 150000 labels (cuda staged takes windows;
+# windows/100KB: smaller ones, two blocks per SM) against the unstaged kernel and Triton,
+# bf16 rows of 74000 labels (all ICD-10-CM codes: the staged Triton kernel in chunks); then
+# where the host time of a B=16 step goes. A separate step, so a slow kernel_bw leaves these.
+TAIL=60 step kernel_big 120 bash -c "$PY benchmarks/kernel_bandwidth.py --dtype float32 \
+  --shape 512,150000,300 --kernels 'cuda staged,cuda windows/100KB,cuda unstaged,triton' \
+  --repeats 10; $PY benchmarks/kernel_bandwidth.py --shape 1024,74000,300 --orders shuffled \
+  --kernels 'cuda staged,triton,triton staged' --repeats 10; \
   $PY benchmarks/profile_step.py --steps 30"
 
 # Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels), flat and
