@@ -7,7 +7,7 @@
 # Every step is timed and bounded; a failing step is reported and the next ones still run.
 # The whole script stays under ~8 minutes. Logs and results go to ${OUT:-benchmarks/results}:
 # one log per step plus bench_loss's CSV; a device run brings back at most 8 files from $OUT,
-# so pick steps with STEPS (all of them make 9).
+# so pick steps with STEPS (all of them make 11).
 # Usage: bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -112,13 +112,22 @@ TAIL=60 step kernel_bw 200 "$PY" benchmarks/kernel_bandwidth.py --block-mins off
 
 # Rows beyond shared memory: fp32 rows of 150000 labels (cuda staged takes windows;
 # windows/100KB: smaller ones, two blocks per SM) against the unstaged kernel and Triton,
-# bf16 rows of 74000 labels (all ICD-10-CM codes: the staged Triton kernel in chunks); then
-# where the host time of a B=16 step goes. A separate step, so a slow kernel_bw leaves these.
-TAIL=60 step kernel_big 120 bash -c "$PY benchmarks/kernel_bandwidth.py --dtype float32 \
+# bf16 rows of 74000 labels (all ICD-10-CM codes: the staged Triton kernel in chunks).
+# A separate step, so a slow kernel_bw leaves these.
+TAIL=30 step kernel_big 100 bash -c "$PY benchmarks/kernel_bandwidth.py --dtype float32 \
   --shape 512,150000,300 --kernels 'cuda staged,cuda windows/100KB,cuda unstaged,triton' \
   --repeats 10; $PY benchmarks/kernel_bandwidth.py --shape 1024,74000,300 --orders shuffled \
-  --kernels 'cuda staged,triton,triton staged' --repeats 10; \
-  $PY benchmarks/profile_step.py --steps 30"
+  --kernels 'cuda staged,triton,triton staged' --repeats 10"
+
+# Where Triton's staged kernel beats its window schedule on shuffled labels (the default's
+# rule, triton_shl._staged_wins): row lengths and batch sizes around the measured points.
+TAIL=40 step triton_sched 90 "$PY" benchmarks/kernel_bandwidth.py --orders shuffled \
+  --kernels "triton,triton staged" --repeats 10 --shape 4096,16384,100 \
+  --shape 4096,12000,100 --shape 1024,32768,100 --shape 264,32768,100 --shape 132,32768,100 \
+  --shape 64,32768,100 --shape 1024,8922,300
+
+# Where the host time of a B=16 step goes: per-op host costs, torch.profiler, cProfile.
+TAIL=80 step profile 60 "$PY" benchmarks/profile_step.py --steps 30 --cprofile 30
 
 # Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels), flat and
 # group schedules (two launches each: launches 1 and 3 are the ones to read): what bounds

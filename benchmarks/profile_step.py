@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--shape", default="16,8192,64")
     p.add_argument("--backends", default="cuda,triton")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="also print the N Python functions of most own time in 200 steps")
     args = p.parse_args()
     B, C, m = map(int, args.shape.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script
@@ -107,6 +109,28 @@ def main() -> None:
             print(f"  host {name}: {us:.1f} us")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18,
                                         max_name_column_width=48))
+        if args.cprofile:
+            python_profile(step, sync, args.cprofile)
+
+
+def python_profile(step, sync, top: int, n: int = 200) -> None:
+    """cProfile of n steps: the Python functions (and C calls) of most own time per step."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    sync()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"  cProfile, own time per step (us), {n} steps:")
+    for (file, line, fn), (_, ncalls, tottime, cumtime, _) in rows:
+        where = f"{file.rsplit('/', 2)[-2:][-1] if '/' in file else file}:{line}"
+        print(f"  {tottime / n * 1e6:8.1f} own {cumtime / n * 1e6:8.1f} cum "
+              f"{ncalls / n:5.1f}x  {fn} ({where})")
 
 
 if __name__ == "__main__":
