@@ -28,6 +28,7 @@ import triton.language as tl
 from triton import knobs
 
 from .fused import on_device
+from .triton_launch import TunedLaunch
 
 _ACC = {torch.float32: torch.float32, torch.float16: torch.float32,
         torch.bfloat16: torch.float32, torch.float64: torch.float64}
@@ -260,31 +261,49 @@ _KEY = ["seg_bucket", "win_bucket", "par_bucket"]
 _tuned = triton.autotune(_CONFIGS, key=_KEY)(_shl_kernel)
 # Autotuning runs the kernel several times: with grad_out aliasing z, z must be put back.
 _tuned_inplace = triton.autotune(_CONFIGS, key=_KEY, restore_value=["z_ptr"])(_shl_kernel)
+_launch, _launch_inplace = TunedLaunch(_tuned), TunedLaunch(_tuned_inplace)
 
 _INTERPRET_BLOCK = 32  # the interpreter cannot autotune; small so tests reach the loop path
 
 
 @functools.cache
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1 if device.type != "cuda" else _sm_count(device.index)
+
+
+@functools.cache  # a few microseconds per call saved in a launch-bound step
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 _MAX_WINDOW = 2048
 
-# SHL_TRITON_STAGED=1: shuffled labels take the staged kernel (triton_staged.py) by default;
-# off until measured on a GPU against the window schedule.
-STAGED = os.environ.get("SHL_TRITON_STAGED", "0") == "1"
+# Shuffled labels (an `order`): True = the staged kernel (triton_staged.py) wherever a row
+# fits, False = the window schedule, None = the measured rule (_staged_wins). Environment:
+# SHL_TRITON_STAGED=1 or 0.
+STAGED = {"1": True, "0": False}.get(os.environ.get("SHL_TRITON_STAGED", ""))
+
+
+def _staged_wins(B: int, C: int, itemsize: int, multi: bool, sms: int) -> bool:
+    """Where the staged kernel beat the window schedule on shuffled labels (H100, bf16,
+    benchmarks/results/h100-2026-11-27 runs 4-5, kernel only): rows of >= 16384 labels
+    staged in one piece, with at least a row per SM. 4096 x 32768: 3.31 vs 4.59 ms (100
+    segments), 4.89 vs 6.17 (1000); 132 x 32768: 0.110 vs 0.159; 4096 x 16384: 1.72 vs 1.83.
+    Lost: 64 x 32768 (0.109 vs 0.083: half the SMs idle), rows of 8922 and 12000 labels
+    (0.41-1.48 vs 0.35-1.30), 16 x 8192. Even: 1024 x 74000 in chunks (2.74 vs 2.73). Other
+    dtypes were not measured: they keep the window schedule."""
+    return itemsize == 2 and not multi and C >= 16384 and B >= sms
+
+
+_WINDOW_ENV = os.environ.get("SHL_TRITON_WINDOW")  # read once: a launch-bound step calls often
 
 
 def _default_window(B: int, C: int, m: int, device: torch.device) -> int:
     """Windows of at most _MAX_WINDOW positions, fewer positions when B is small so that the
     grid keeps ~8 programs per SM. Several programs per row, launched next to each other,
     share the row in L2 while they run, which matters when `order` gathers."""
-    env = os.environ.get("SHL_TRITON_WINDOW")
-    if env is not None:
-        return int(env)
+    if _WINDOW_ENV is not None:
+        return int(_WINDOW_ENV)
     n_items = min(max(1, -(-8 * _num_sms(device) // max(B, 1))), max(m, 1))
     return min(_MAX_WINDOW, -(-C // n_items))
 
@@ -324,10 +343,11 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     """`fused.FusedKernel` in Triton. Extra knobs (the defaults are meant to be right):
     window: 0 = one program per (row, segment); W > 0 = one per (row, W-position window);
     >= C = one per row (default: `_default_window`, or the SHL_TRITON_WINDOW environment
-    variable). block/num_warps: fix BLOCK instead of autotuning. staged: shuffled labels
-    (an `order`) take the staged kernel (triton_staged.py: a program per row, the row put in
-    segment order on chip) where the row fits (default `STAGED`); window/block/num_warps
-    then do not apply.
+    variable). block/num_warps: fix BLOCK instead of autotuning. staged: True = shuffled
+    labels (an `order`) take the staged kernel (triton_staged.py: a program per row, the row
+    put in segment order on chip) where the row fits, False = never, None = `STAGED` (by
+    default where it was measured faster: `_staged_wins`); window/block/num_warps do not
+    apply to it.
 
     The first call per shape bucket and dtype autotunes BLOCK; with grad_out aliasing z that
     first call holds a temporary copy of z (the autotuner restores z between trial runs)."""
@@ -360,7 +380,9 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
         raise ValueError("grad_out: must be a contiguous tensor of z's shape, dtype and device")
     else:
         grad = grad_out
-    aliased = grad.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+    # (a fresh buffer cannot alias z: skip two storage objects per call)
+    aliased = grad_out is not None and \
+        grad.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
     if aliased and (grad.data_ptr() != z.data_ptr() or not z.is_contiguous()):
         raise ValueError("grad_out: in place it must be z itself, and z contiguous")
     z = z.contiguous()
@@ -376,11 +398,14 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
 
     hi = float(np.float32(grad_scale))
     lo = float(np.float32(grad_scale - hi))
-    if (STAGED if staged is None else staged) and order is not None:
+    if staged is None:
+        staged = STAGED
+    if order is not None and staged is not False:
         from . import triton_staged  # (it imports this module's segment code)
 
         how = triton_staged.plan(C, z.element_size())
-        if how is not None:
+        if how is not None and (staged or _staged_wins(B, C, z.element_size(), how[1],
+                                                       _num_sms(dev))):
             part = torch.empty(B, dtype=acc, device=dev)
             with on_device(dev):
                 triton_staged.launch_staged(
@@ -408,6 +433,7 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
         if block is not None:
             _shl_kernel[grid](*args, **flags, BLOCK=block, num_warps=num_warps or 4)
         else:
-            (_tuned_inplace if aliased else _tuned)[grid](*args, **flags)
+            (_launch_inplace if aliased else _launch)(grid, args, flags,
+                                                      (z.dtype, *flags.values()))
     # [B, n] partial row losses: FusedSHL sums them with the batch in one op
     return (part.view(B) if n_items == 1 else part), grad, geta

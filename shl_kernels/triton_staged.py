@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .derived import in_segment_order, order32, segment_position, segment_schedule
+from .triton_launch import TunedLaunch
 from .triton_shl import (
     _finish,
     _load_at,
@@ -318,6 +319,7 @@ _tuned = triton.autotune(_CONFIGS, key=_KEY)(_shl_staged_kernel)
 # Autotuning runs the kernel several times: with the gradient over z, z must be put back.
 _tuned_inplace = triton.autotune(_CONFIGS, key=_KEY, restore_value=["z_ptr"])(
     _shl_staged_kernel)
+_launch, _launch_inplace = TunedLaunch(_tuned), TunedLaunch(_tuned_inplace)
 # Under the interpreter: small tiles and chunks, so tests reach every loop.
 _INTERPRET = {"G": 4, "SEGW": 8, "CHUNK": 16}
 
@@ -364,4 +366,5 @@ def launch_staged(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
         _shl_staged_kernel[(programs,)](*args, **flags,
                                         **dict(_INTERPRET, CHUNK=min(CP, _INTERPRET["CHUNK"])))
     else:
-        (_tuned_inplace if aliased else _tuned)[(programs,)](*args, **flags)
+        (_launch_inplace if aliased else _launch)((programs,), args, flags,
+                                                  (z.dtype, *flags.values()))

@@ -29,7 +29,7 @@ BLOCK = 16
 EXTRAS = ("w", "eta", "delta", "ign")
 # The two kernels: programs per window of segment positions (BLOCK 16), and per row with the
 # row staged on chip (triton_staged.py; tiles of 4 segments x 8 lanes under the interpreter).
-KERNELS = {"window": functools.partial(shl_fused_triton, block=BLOCK),
+KERNELS = {"window": functools.partial(shl_fused_triton, block=BLOCK, staged=False),
            "staged": functools.partial(shl_fused_triton, staged=True)}
 
 
@@ -436,6 +436,37 @@ def test_staged_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(triton_staged, "MAX_CHUNKS", 1)  # and no chunks
     assert_all_close(run_fused(x, "none", "staged"), want, 1e-10, 1e-12)
     assert len(calls) == 1
+
+
+def test_default_schedule_follows_the_measured_rule(monkeypatch):
+    """staged=None (the default): shuffled rows take the staged kernel where _staged_wins
+    says so, else the window kernel; both give the reference's results."""
+    calls = []
+    real = triton_staged.launch_staged
+    monkeypatch.setattr(triton_staged, "launch_staged",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(triton_shl, "STAGED", None)
+    x = _inputs(_problem(3, [18, 2, 1, 7], seed=47), F64)
+    want = run_reference(x, "none")
+    for wins in (False, True):
+        monkeypatch.setattr(triton_shl, "_staged_wins", lambda *a, wins=wins: wins)
+        assert_all_close(run_fused(x, "none", shl_fused_triton), want, 1e-10, 1e-12)
+        assert len(calls) == wins
+    monkeypatch.setattr(triton_shl, "STAGED", False)  # SHL_TRITON_STAGED=0 overrides the rule
+    assert_all_close(run_fused(x, "none", shl_fused_triton), want, 1e-10, 1e-12)
+    assert len(calls) == 1
+
+
+def test_staged_rule_is_the_measured_one():
+    """Staged where the H100 measured it faster (16-bit rows of >= 16384 labels in one piece,
+    a row per SM at least), not where it measured slower or even, nor where unmeasured."""
+    wins = triton_shl._staged_wins
+    assert wins(4096, 32768, 2, False, 132) and wins(132, 32768, 2, False, 132)
+    assert wins(4096, 16384, 2, False, 132)
+    assert not wins(64, 32768, 2, False, 132)  # fewer rows than SMs
+    assert not wins(4096, 12000, 2, False, 132) and not wins(16, 8192, 2, False, 132)
+    assert not wins(1024, 74000, 2, True, 132)  # in chunks: even
+    assert not wins(4096, 32768, 4, False, 132)  # fp32: not measured
 
 
 def test_empty_batch():
