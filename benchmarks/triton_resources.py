@@ -33,20 +33,23 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int):
                           options={"num_warps": num_warps})
 
 
-def window_kernel(zt: str, has: bool, seg_mode: bool, cfg: triton.Config):
-    """triton_shl._shl_kernel with every optional input (has) or none."""
+def window_kernel(zt: str, has: bool, seg_mode: bool, cfg: triton.Config,
+                  reduce: bool = False):
+    """triton_shl._shl_kernel with every optional input (has) or none; reduce: with the
+    device-side sums."""
     acc = "*fp64" if zt == "fp64" else "*fp32"
     sig = {"z_ptr": PTR[zt], "pos_ptr": "*u8", "ign_ptr": "*u8", "order_ptr": "*i64",
            "off_ptr": "*i64", "w_ptr": acc, "eta_ptr": acc, "delta_ptr": acc,
            "grad_ptr": PTR[zt], "part_ptr": acc, "geta_ptr": acc, "scale_hi": "fp32",
-           "scale_lo": "fp32"}
+           "scale_lo": "fp32", "loss_ptr": acc, "geta_sum_ptr": acc, "count_ptr": "*i32"}
     sig.update({n: "i32" for n in ["C", "m", "n_items", "window", "n_iter", "seg_bucket",
-                                   "win_bucket", "par_bucket"]})
+                                   "win_bucket", "par_bucket", "B"]})
     const = {n: has for n in ["HAS_IGN", "HAS_ORDER", "HAS_W", "HAS_ETA", "HAS_DELTA",
                               "NEED_GETA"]}
-    const.update(SEG_MODE=seg_mode, BLOCK=cfg.kwargs["BLOCK"])
+    const.update(SEG_MODE=seg_mode, REDUCE=reduce, BLOCK=cfg.kwargs["BLOCK"])
     const.update({n: None for n in ["ign_ptr", "order_ptr", "w_ptr", "eta_ptr", "delta_ptr",
-                                    "geta_ptr"] if not has})
+                                    "geta_ptr", "geta_sum_ptr"] if not has})
+    const.update({n: None for n in ["loss_ptr", "geta_sum_ptr", "count_ptr"] if not reduce})
     return compile_sm90(triton_shl._shl_kernel, sig, const, cfg.num_warps)
 
 
@@ -107,6 +110,8 @@ def main() -> None:
     for zt in ("bf16", "fp32"):
         for cfg in triton_shl._CONFIGS:
             row(f"window, {zt}, all inputs", cfg, window_kernel(zt, True, False, cfg))
+    for cfg in triton_shl._CONFIGS:
+        row("window, fp32, all inputs, sums", cfg, window_kernel("fp32", True, False, cfg, True))
     for zt, C in (("bf16", 32768), ("fp32", 32768), ("bf16", 8922), ("bf16", 74000),
                   ("fp32", 40000)):
         multi = triton_staged.plan(C, BYTES[zt])[1]

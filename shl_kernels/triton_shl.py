@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from .fused import on_device
+from .fused import on_device, stream_handle
 from .triton_launch import TunedLaunch
 
 _ACC = {torch.float32: torch.float32, torch.float16: torch.float32,
@@ -213,15 +213,46 @@ def _lower_bound(off_ptr, n, target, n_iter):
     return lo
 
 
+@triton.jit
+def _reduce_last(part_ptr, geta_ptr, loss_ptr, geta_sum_ptr, count_ptr, n_parts, B, m,
+                 acc_ty: tl.constexpr, NEED_GETA: tl.constexpr, RBLOCK: tl.constexpr):
+    """The last program of the launch to get here sums the n_parts partial losses into
+    loss_ptr and the [B, m] geta rows over rows into geta_sum_ptr, in a fixed order
+    (deterministic), then puts the counter back to 0 for the next launch."""
+    # The barrier orders every thread's stores before the ticket's release (the lock
+    # pattern of Triton's layer-norm backward tutorial); the last ticket's acquire then
+    # sees every program's partial sums.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr, 1)
+    if ticket == n_parts - 1:
+        lanes = tl.arange(0, RBLOCK)
+        total = tl.zeros([RBLOCK], acc_ty)
+        for i in range(0, n_parts, RBLOCK):
+            total += tl.load(part_ptr + i + lanes, mask=i + lanes < n_parts, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(loss_ptr, tl.sum(total))
+        if NEED_GETA:
+            for j in range(0, m, RBLOCK):
+                inm = j + lanes < m
+                g = tl.zeros([RBLOCK], acc_ty)
+                at = geta_ptr + j + lanes
+                for _ in range(B):
+                    g += tl.load(at, mask=inm, other=0.0, cache_modifier=".cg")
+                    at += m
+                tl.store(geta_sum_ptr + j + lanes, g, mask=inm)
+        tl.atomic_xchg(count_ptr, 0)
+
+
 @triton.jit(do_not_specialize=["C", "m", "n_items", "window", "n_iter", "seg_bucket",
-                               "win_bucket", "par_bucket"])
+                               "win_bucket", "par_bucket", "B"])
 def _shl_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, off_ptr, w_ptr, eta_ptr, delta_ptr,
                 grad_ptr, part_ptr, geta_ptr, scale_hi, scale_lo, C, m, n_items, window, n_iter,
-                seg_bucket, win_bucket, par_bucket,
+                seg_bucket, win_bucket, par_bucket, loss_ptr, geta_sum_ptr, count_ptr, B,
                 HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_W: tl.constexpr,
                 HAS_ETA: tl.constexpr, HAS_DELTA: tl.constexpr, NEED_GETA: tl.constexpr,
-                SEG_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    # seg_bucket, win_bucket, par_bucket only key the autotuner.
+                SEG_MODE: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+    # seg_bucket, win_bucket, par_bucket only key the autotuner. REDUCE: also sum the
+    # partial losses and geta rows on the device (loss_ptr, geta_sum_ptr; B rows).
     acc_ty = part_ptr.dtype.element_ty
     pid = tl.program_id(0)
     row = pid // n_items
@@ -251,6 +282,9 @@ def _shl_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, off_ptr, w_ptr, eta_ptr, del
         if NEED_GETA:
             tl.store(geta_ptr + row.to(tl.int64) * m + k, geta * scale)
     tl.store(part_ptr + pid, row_loss * scale)
+    if REDUCE:
+        _reduce_last(part_ptr, geta_ptr, loss_ptr, geta_sum_ptr, count_ptr, B * n_items, B, m,
+                     acc_ty, NEED_GETA, BLOCK)
 
 
 # At most 4 elements per thread: the loop path keeps five per-lane accumulators, and more
@@ -339,6 +373,7 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
                      need_grad_eta: bool, grad_out: torch.Tensor | None = None, *,
                      window: int | None = None, block: int | None = None,
                      num_warps: int | None = None, staged: bool | None = None,
+                     reduce: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`fused.FusedKernel` in Triton. Extra knobs (the defaults are meant to be right):
     window: 0 = one program per (row, segment); W > 0 = one per (row, W-position window);
@@ -347,7 +382,9 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     labels (an `order`) take the staged kernel (triton_staged.py: a program per row, the row
     put in segment order on chip) where the row fits, False = never, None = `STAGED` (by
     default where it was measured faster: `_staged_wins`); window/block/num_warps do not
-    apply to it.
+    apply to it. reduce: return the loss summed over rows (0-dim) and grad_eta summed over
+    rows ([m]) (fused.FusedSHL asks for it): small grids sum on the device in the same
+    launch (no torch op after it, for launch-bound small batches), others with torch.
 
     The first call per shape bucket and dtype autotunes BLOCK; with grad_out aliasing z that
     first call holds a temporary copy of z (the autotuner restores z between trial runs)."""
@@ -392,7 +429,7 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
         grad.zero_()
         if geta is not None:
             geta.zero_()
-        return torch.zeros(B, dtype=acc, device=dev), grad, geta
+        return _summed(torch.zeros(B, dtype=acc, device=dev), grad, geta, reduce)
     if m == 0:
         raise ValueError(f"offsets: no segments for {C} labels")
 
@@ -411,7 +448,7 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
                 triton_staged.launch_staged(
                     z, pos, ign, order, offsets, w, eta, delta, grad, geta, part, (hi, lo),
                     how, _num_sms(dev), aliased, knobs.runtime.interpret)
-            return part, grad, geta
+            return _summed(part, grad, geta, reduce)
 
     win = _default_window(B, C, m, dev) if window is None else window
     seg_mode = win <= 0
@@ -419,12 +456,16 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     if B * n_items >= 2**31:
         raise ValueError(f"window: {B} x {n_items} programs exceed the grid; use a larger window")
     part = torch.empty((B, n_items), dtype=acc, device=dev)
+    on_chip = reduce and B * max(n_items, m if need_geta else 0) <= REDUCE_MAX
+    loss = torch.empty((), dtype=acc, device=dev) if on_chip else None
+    geta_sum = torch.empty(m, dtype=acc, device=dev) if on_chip and need_geta else None
     args = (z, pos, ign, order, offsets, w, eta, delta, grad, part, geta, hi, lo, C, m, n_items,
             max(win, 0), (m + 1).bit_length(), (C // max(m, 1)).bit_length(),
-            max(win, 0).bit_length(), (B * n_items).bit_length())
+            max(win, 0).bit_length(), (B * n_items).bit_length(), loss, geta_sum,
+            _launch_counter(dev) if on_chip else None, B)
     flags = {"HAS_IGN": ign is not None, "HAS_ORDER": order is not None, "HAS_W": w is not None,
              "HAS_ETA": eta is not None, "HAS_DELTA": delta is not None, "NEED_GETA": need_geta,
-             "SEG_MODE": seg_mode}
+             "SEG_MODE": seg_mode, "REDUCE": on_chip}
     grid = (B * n_items,)
     if block is None and knobs.runtime.interpret:
         block = _INTERPRET_BLOCK
@@ -435,5 +476,35 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
         else:
             (_launch_inplace if aliased else _launch)(grid, args, flags,
                                                       (z.dtype, *flags.values()))
+    if on_chip:
+        return loss, grad, geta_sum
     # [B, n] partial row losses: FusedSHL sums them with the batch in one op
-    return (part.view(B) if n_items == 1 else part), grad, geta
+    return _summed(part.view(B) if n_items == 1 else part, grad, geta, reduce)
+
+
+shl_fused_triton.reduces = True  # accepts reduce=True (see fused.FusedSHL)
+
+# Device-side sums (reduce=True) for grids of at most this many partial losses and geta
+# rows of at most this many values: one program adds them up at the end of the launch, which
+# costs less than a torch op's launch only while they are few (launch-bound small batches).
+REDUCE_MAX = 1 << 15
+
+
+def _summed(part: torch.Tensor, grad: torch.Tensor, geta: torch.Tensor | None, reduce: bool):
+    """The kernel's outputs, with the loss and geta summed over rows by torch if `reduce`."""
+    if not reduce:
+        return part, grad, geta
+    return part.sum(), grad, None if geta is None else geta.sum(0)
+
+
+# One int32 ticket counter per (device, stream) for the device-side sums: at 0 between
+# launches (the last program puts it back), so launches on one stream can share it.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _launch_counter(device: torch.device) -> torch.Tensor:
+    key = (device.type, device.index, stream_handle(device) if device.type == "cuda" else 0)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter

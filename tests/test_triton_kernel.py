@@ -469,6 +469,39 @@ def test_staged_rule_is_the_measured_one():
     assert not wins(4096, 32768, 4, False, 132)  # fp32: not measured
 
 
+@pytest.mark.parametrize("how", ["window", "segments", "rows", "staged", "torch sums"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_reduce_sums_rows(how, dtype, monkeypatch):
+    """reduce=True (what FusedSHL asks for "mean"/"sum"): the loss summed over rows (0-dim)
+    and geta summed over rows ([m]) equal the sums of the unreduced outputs, the gradient is
+    the same. Small grids sum in the launch (here more partial losses and segments than the
+    program's lanes, so its loops run twice), leaving the ticket counter at 0; the staged
+    kernel and larger grids ("torch sums") sum with torch."""
+    summed = []
+    real = triton_shl._summed
+    monkeypatch.setattr(triton_shl, "_summed", lambda *a: summed.append(a[-1]) or real(*a))
+    if how == "torch sums":
+        monkeypatch.setattr(triton_shl, "REDUCE_MAX", 8)
+    kw = {"window": {"segments": 0, "rows": 10**6}.get(how, 8), "staged": how == "staged"}
+    x = _inputs(_problem(5, [3, 1, 2] * 6, seed=51), dtype)  # 18 segments > BLOCK lanes
+    for eta in (x["eta"], None):
+        y = dict(x, eta=eta)
+        want = _direct(y, **kw)
+        got = _direct(y, reduce=True, **kw)
+        rtol, atol = (1e-12, 1e-14) if dtype == F64 else (1e-5, 1e-6)
+        assert got[0].dim() == 0
+        torch.testing.assert_close(got[0], want[0].sum(), rtol=rtol, atol=atol)
+        assert torch.equal(got[1], want[1])
+        if eta is None:
+            assert got[2] is None
+        else:
+            assert got[2].shape == (18,)
+            torch.testing.assert_close(got[2], want[2].sum(0), rtol=rtol, atol=atol)
+    on_device = how in ("window", "segments", "rows")
+    assert summed.count(True) == (0 if on_device else 2)
+    assert all(int(c) == 0 for c in triton_shl._COUNTERS.values())
+
+
 def test_empty_batch():
     x = _inputs(_problem(1, [3, 2]), torch.float32)
     x["z"], x["pos"], x["ign"] = x["z"][:0], x["pos"][:0], x["ign"][:0]
@@ -500,6 +533,7 @@ _AOT = textwrap.dedent("""
                                    ("fp64", True, True, _CONFIGS[3]),
                                    ("fp16", False, False, _CONFIGS[1])]:
         assert window_kernel(zt, has, seg_mode, cfg).asm["cubin"]
+        assert window_kernel(zt, has, seg_mode, cfg, reduce=True).asm["cubin"]
     for zt, has, cfg, C in [("bf16", True, STAGED_CONFIGS[0], 32768),
                             ("fp16", True, STAGED_CONFIGS[1], 40000),
                             ("fp32", False, STAGED_CONFIGS[2], 8922),
