@@ -302,12 +302,9 @@ _INTERPRET_BLOCK = 32  # the interpreter cannot autotune; small so tests reach t
 
 @functools.cache
 def _num_sms(device: torch.device) -> int:
-    return 1 if device.type != "cuda" else _sm_count(device.index)
-
-
-@functools.cache  # a few microseconds per call saved in a launch-bound step
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _MAX_WINDOW = 2048
