@@ -94,6 +94,8 @@ class FusedSHL(torch.autograd.Function):
         # Kept on ctx, not saved: backward hands this buffer to autograd as the gradient,
         # so no second [B, C] buffer is ever made (save_for_backward would force a copy).
         ctx.grad_buffer, ctx.grad_eta = grad, grad_eta
+        # Summed over rows by the kernel (reduce): take_grad scales it with the gradient.
+        ctx.eta_summed = grad_eta is not None and grad_eta.dim() == 1
         ctx.reduction = reduction
         if not inplace:  # a second backward (retain_graph, gradcheck) recomputes the buffer
             ctx.recompute = Recompute(lambda z, pos, ign: kernel(
@@ -109,13 +111,15 @@ class FusedSHL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, go):
-        gz, g, grad_eta = take_grad(ctx, go, ctx.reduction)
+        gz, g, grad_eta = take_grad(ctx, go, ctx.reduction, scale_extra=ctx.eta_summed)
         geta = None
         if grad_eta is not None:
             if g is None:
                 geta = (grad_eta * go.to(grad_eta.dtype).unsqueeze(1)).sum(0)
-            else:  # already summed over rows when the kernel reduced
-                geta = grad_eta if grad_eta.dim() == 1 else grad_eta.sum(0)
+            elif ctx.eta_summed:  # scaled by take_grad
+                geta = grad_eta
+            else:
+                geta = grad_eta.sum(0)
                 if isinstance(g, torch.Tensor) or g != 1.0:
                     geta.mul_(g)
         gdelta = None
@@ -142,10 +146,12 @@ class Recompute:
             return self.fn(z, *self.masks)
 
 
-def take_grad(ctx, go: torch.Tensor, reduction: str):
+def take_grad(ctx, go: torch.Tensor, reduction: str, scale_extra: bool = False):
     """The gradient buffer the forward left in `ctx.grad_buffer` (and `ctx.grad_eta`, for
     SHL), times the upstream gradient `go`, rescaled in place and handed over to autograd
     (no copy). A second backward recomputes the buffers with `ctx.recompute`.
+    scale_extra: for "mean"/"sum", scale the extra buffer by `go` too (in the same op on
+    the device).
     Returns (grad, upstream gradient (a float, or a 0-dim tensor when not read on the host;
     None for reduction "none"), extra buffer).
     Shared by every fused loss Function."""
@@ -163,12 +169,20 @@ def take_grad(ctx, go: torch.Tensor, reduction: str):
         grad.mul_(go.to(grad.dtype) if go.dim() == grad.dim() else
                   go.to(grad.dtype).unsqueeze(1))
         return grad, None, extra
+    both = scale_extra and extra is not None
     if not sync_for_upstream(grad):
-        grad.mul_(go)  # small GPU buffer: a pass costs less than stalling the host
+        # small GPU buffer: a pass costs less than stalling the host; one op for both
+        # buffers (a launch-bound step pays per op)
+        if both:
+            torch._foreach_mul_([grad, extra], go)
+        else:
+            grad.mul_(go)
         return grad, go, extra
     g = float(go)  # one host sync; skips a full pass over the buffer when g == 1
     if g != 1.0:
         grad.mul_(g)
+        if both:
+            extra.mul_(g)
     return grad, g, extra
 
 
