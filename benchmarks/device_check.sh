@@ -21,6 +21,9 @@ if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
 fi
 # Output of a step killed by its time limit would stay in Python's buffer and be lost.
 export PYTHONUNBUFFERED=1
+# The package from this tree also when the build step is skipped (STEPS without build: the
+# Triton paths need no build; the editable build puts shl_kernels._C here too).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # pytest-xdist (in the device image) spreads the many small Triton compiles over the cores.
 XDIST=() XDIST4=()  # expanded as ${X[@]+...}: empty arrays are "unbound" under set -u (bash < 4.4)
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8) XDIST4=(-n 4)

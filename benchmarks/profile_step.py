@@ -128,7 +128,7 @@ def python_profile(step, sync, top: int, n: int = 200) -> None:
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
     print(f"  cProfile, own time per step (us), {n} steps:")
     for (file, line, fn), (_, ncalls, tottime, cumtime, _) in rows:
-        where = f"{file.rsplit('/', 2)[-2:][-1] if '/' in file else file}:{line}"
+        where = f"{file.rsplit('/', 1)[-1]}:{line}"
         print(f"  {tottime / n * 1e6:8.1f} own {cumtime / n * 1e6:8.1f} cum "
               f"{ncalls / n:5.1f}x  {fn} ({where})")
 
