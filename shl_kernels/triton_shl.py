@@ -453,13 +453,14 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     if B * n_items >= 2**31:
         raise ValueError(f"window: {B} x {n_items} programs exceed the grid; use a larger window")
     part = torch.empty((B, n_items), dtype=acc, device=dev)
-    on_chip = reduce and B * max(n_items, m if need_geta else 0) <= REDUCE_MAX
+    counter = (_launch_counter(dev)
+               if reduce and B * max(n_items, m if need_geta else 0) <= REDUCE_MAX else None)
+    on_chip = counter is not None
     loss = torch.empty((), dtype=acc, device=dev) if on_chip else None
     geta_sum = torch.empty(m, dtype=acc, device=dev) if on_chip and need_geta else None
     args = (z, pos, ign, order, offsets, w, eta, delta, grad, part, geta, hi, lo, C, m, n_items,
             max(win, 0), (m + 1).bit_length(), (C // max(m, 1)).bit_length(),
-            max(win, 0).bit_length(), (B * n_items).bit_length(), loss, geta_sum,
-            _launch_counter(dev) if on_chip else None, B)
+            max(win, 0).bit_length(), (B * n_items).bit_length(), loss, geta_sum, counter, B)
     flags = {"HAS_IGN": ign is not None, "HAS_ORDER": order is not None, "HAS_W": w is not None,
              "HAS_ETA": eta is not None, "HAS_DELTA": delta is not None, "NEED_GETA": need_geta,
              "SEG_MODE": seg_mode, "REDUCE": on_chip}
@@ -499,9 +500,14 @@ def _summed(part: torch.Tensor, grad: torch.Tensor, geta: torch.Tensor | None, r
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
-def _launch_counter(device: torch.device) -> torch.Tensor:
-    key = (device.type, device.index, stream_handle(device) if device.type == "cuda" else 0)
+def _launch_counter(device: torch.device) -> torch.Tensor | None:
+    """The stream's counter; None (sum with torch instead) where a new one would be made
+    while the stream is captured into a CUDA graph: its zeroing would not run until replay."""
+    cuda = device.type == "cuda"
+    key = (device.type, device.index, stream_handle(device) if cuda else 0)
     counter = _COUNTERS.get(key)
     if counter is None:
+        if cuda and torch.cuda.is_current_stream_capturing():
+            return None
         counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter

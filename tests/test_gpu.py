@@ -304,3 +304,35 @@ def test_stream_handle_is_the_current_stream():
     side = torch.cuda.Stream(dev)
     with torch.cuda.stream(side):
         assert stream_handle(dev) == side.cuda_stream != torch.cuda.default_stream(dev).cuda_stream
+
+
+@pytest.mark.parametrize("counter_first", [True, False], ids=["device-sums", "torch-sums"])
+def test_triton_sums_in_a_cuda_graph(counter_first):
+    """The Triton loss with reduce=True (what FusedSHL asks) captured in a CUDA graph
+    replays to the eager results. On a stream that has launched before, its device-side sums
+    are captured (their counter exists); on a fresh one they are not made inside the capture
+    (their zeroing would not run until replay): torch sums are captured instead."""
+    from shl_kernels.triton_shl import shl_fused_triton
+    x = _problem(16, 8192, 64, torch.float32, seed=14)
+
+    def run():  # (loss summed over rows, grad, grad_eta summed over rows)
+        return shl_fused_triton(x["z"], x["pos"].view(torch.uint8), x["ign"].view(torch.uint8),
+                                x["order"], x["offsets"], x["w"], x["eta"], x["delta"],
+                                1 / 16, True, staged=False, reduce=True)
+
+    want = run()  # also autotunes, outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    if counter_first:
+        with torch.cuda.stream(stream):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        got = run()
+    for _ in range(3):  # the counter is back at 0 after each replay
+        graph.replay()
+        torch.cuda.synchronize()
+        assert got[0].dim() == 0 and got[2].shape == (64,)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
