@@ -216,6 +216,41 @@ def test_upstream_gradient_scaling_without_host_sync(backend, sync, monkeypatch)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b in ("triton", "cuda")])
+def test_fused_backward_scales_both_gradients_in_one_op(backend, monkeypatch):
+    # Kernels that sum over rows on the device (triton, cuda) leave the backward one op on a
+    # GPU's small buffers: the gradient and the eta gradient times the upstream gradient.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from shl_kernels import fused
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(fused, "sync_for_upstream", lambda grad: False)  # as on a GPU
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    z = torch.randn(3, 4, device=dev, requires_grad=True)
+    eta = torch.zeros(3, device=dev, requires_grad=True)
+    loss = shl.segmented_harmonic_loss(z, torch.eye(4, dtype=torch.bool, device=dev)[:3],
+                                       _seg(), null_logits=eta, backend=backend)
+    go = torch.tensor(0.7, device=dev)
+    with Ops() as seen:
+        loss.backward(go)
+    work = [op for op in seen.ops if not op.startswith(("detach", "alias", "view"))]
+    assert work == ["_foreach_mul_.Tensor"], seen.ops
+    want = torch.autograd.grad(shl.segmented_harmonic_loss(
+        z, torch.eye(4, dtype=torch.bool, device=dev)[:3], _seg(), null_logits=eta,
+        backend="torch"), (z, eta), go)
+    torch.testing.assert_close(z.grad, want[0])
+    torch.testing.assert_close(eta.grad, want[1])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("backend", [  # the Triton interpreter runs torch ops of its own
     b for b in shl.available_backends() if b != "torch" and
