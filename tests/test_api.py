@@ -2,12 +2,25 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import shl_kernels as shl
 
 
 def _seg():
     return shl.Segmentation.from_segments([[0, 2], [1], [3]], 4, label_counts=[5, 1, 3, 0])
+
+
+class Ops(TorchDispatchMode):
+    """Records the name of every torch op run inside it (ops.ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def test_auto_backend_and_unavailable():
@@ -220,18 +233,7 @@ def test_upstream_gradient_scaling_without_host_sync(backend, sync, monkeypatch)
 def test_fused_backward_scales_both_gradients_in_one_op(backend, monkeypatch):
     # Kernels that sum over rows on the device (triton, cuda) leave the backward one op on a
     # GPU's small buffers: the gradient and the eta gradient times the upstream gradient.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from shl_kernels import fused
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(fused, "sync_for_upstream", lambda grad: False)  # as on a GPU
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,17 +262,6 @@ def test_fused_forward_is_one_kernel_and_at_most_one_reduction(backend, reductio
     # forward allocates its outputs, runs the kernel (not a torch op, so not seen here) and
     # reduces the loss in at most one op. Dense bool targets and fp32 buffers need no
     # conversion. (On a GPU the loss, targets and weights are moved there by the test.)
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     seg = _seg()
     dev = "cpu" if backend == "cpu" else "cuda"
     z = torch.randn(3, 4, device=dev, requires_grad=True)
