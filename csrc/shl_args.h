@@ -52,8 +52,8 @@ struct ShlArgs {
   // two packs ahead per thread and the next row's first packs during the current row's
   // work, where shared memory has room (1, default), or with plain loads (0).
   int cuda_async_staging = 1;
-  // CUDA only, optional: the reductions a "mean"/"sum" loss needs, by a second launch on the
-  // same stream (deterministic, fixed order), so that no torch op follows the kernel:
+  // Optional: the reductions a "mean"/"sum" loss needs (deterministic, fixed order; CUDA:
+  // by a second launch on the same stream), so that no torch op follows the kernel:
   // loss_total (0-dim acc) = sum of loss over rows; grad_eta_total ([m] acc, needs
   // grad_eta) = sum of grad_eta over rows. Null = skip.
   void* loss_total = nullptr;

@@ -418,6 +418,41 @@ const OrderIndex* order_index(const int64_t* order, int64_t C) {
   return &cache;
 }
 
+// ShlArgs::loss_total and grad_eta_total, when asked: the sums over rows, rows in order
+// (deterministic), accumulated in double (fp32 rows: more accurate than an fp32 sum).
+template <class A>
+void sum_rows(const ShlArgs& a) {
+  if (a.loss_total) {
+    const A* loss = static_cast<const A*>(a.loss);
+    double t = 0;
+    for (int64_t i = 0; i < a.B; ++i) t += loss[i];
+    *static_cast<A*>(a.loss_total) = static_cast<A>(t);
+  }
+  if (a.grad_eta_total) {
+    const A* g = static_cast<const A*>(a.grad_eta);
+    std::vector<double> t(static_cast<size_t>(a.m), 0.0);
+    for (int64_t i = 0; i < a.B; ++i)
+      for (int64_t k = 0; k < a.m; ++k) t[k] += g[i * a.m + k];
+    A* out = static_cast<A*>(a.grad_eta_total);
+    for (int64_t k = 0; k < a.m; ++k) out[k] = static_cast<A>(t[k]);
+  }
+}
+
+const char* run_and_sum(const ShlArgs& a, const int32_t* o, const int32_t* iv) {
+  const char* err = nullptr;
+  switch (a.z_dtype) {
+    case DType::kF32: err = run<float, float>(a, o, iv); break;
+    case DType::kF64: err = run<double, double>(a, o, iv); break;
+    case DType::kBF16: err = run<BF16, float>(a, o, iv); break;
+    case DType::kF16: err = run<F16, float>(a, o, iv); break;
+    default: return "z: unsupported dtype (float32, float64, float16, bfloat16)";
+  }
+  if (err) return err;
+  if (a.z_dtype == DType::kF64) sum_rows<double>(a);
+  else sum_rows<float>(a);
+  return nullptr;
+}
+
 }  // namespace
 
 const char* shl_fused_cpu(const ShlArgs& a) {
@@ -430,7 +465,11 @@ const char* shl_fused_cpu(const ShlArgs& a) {
   if (a.offsets[0] != 0 || a.offsets[a.m] != a.C) return "offsets: must start at 0 and end at C";
   for (int64_t k = 0; k < a.m; ++k)
     if (a.offsets[k + 1] < a.offsets[k]) return "offsets: must not decrease";
-  if (a.B == 0) return nullptr;
+  if (a.B == 0) {  // (sums of no rows: 0)
+    if (a.z_dtype == DType::kF64) sum_rows<double>(a);
+    else sum_rows<float>(a);
+    return nullptr;
+  }
 
   const OrderIndex* idx = nullptr;
   if (a.order && a.C > 0) {
@@ -443,13 +482,7 @@ const char* shl_fused_cpu(const ShlArgs& a) {
   }
   const int32_t* o = idx ? idx->ord.data() : nullptr;
   const int32_t* iv = idx ? idx->inv.data() : nullptr;
-  switch (a.z_dtype) {
-    case DType::kF32: return run<float, float>(a, o, iv);
-    case DType::kF64: return run<double, double>(a, o, iv);
-    case DType::kBF16: return run<BF16, float>(a, o, iv);
-    case DType::kF16: return run<F16, float>(a, o, iv);
-    default: return "z: unsupported dtype (float32, float64, float16, bfloat16)";
-  }
+  return run_and_sum(a, o, iv);
 }
 
 }  // namespace shl

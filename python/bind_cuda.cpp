@@ -61,16 +61,7 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
   a.cuda_staged_threads = staged_threads;
   a.cuda_flat = flat ? 1 : 0;
   a.cuda_async_staging = async_staging ? 1 : 0;
-  const DType acc = a.z_dtype == DType::kF64 ? DType::kF64 : DType::kF32;
-  const char* acc_name = a.z_dtype == DType::kF64 ? "float64" : "float32";
-  if (!loss_total.is_none())
-    a.loss_total = detail::arg(loss_total, "loss_total", zv, false, acc, acc_name, {}).data;
-  if (!grad_eta_total.is_none()) {
-    if (!a.grad_eta)
-      throw py::value_error("grad_eta_total: given without grad_eta (it sums its rows)");
-    a.grad_eta_total =
-        detail::arg(grad_eta_total, "grad_eta_total", zv, false, acc, acc_name, {a.m}).data;
-  }
+  set_row_sums(a, zv, loss_total, grad_eta_total);
   if (!offsets_host.is_none()) {
     const TensorView hv = view(offsets_host, "offsets_host");
     if (!hv.on_cpu())

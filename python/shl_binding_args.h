@@ -100,4 +100,20 @@ inline ShlArgs shl_args_from_capsules(Backend where, const py::object& z_, const
   return a;
 }
 
+// The optional sums over rows (ShlArgs::loss_total, grad_eta_total; None = skip), checked
+// against z (a's z as a view) like the other outputs.
+inline void set_row_sums(ShlArgs& a, const TensorView& z, const py::object& loss_total,
+                         const py::object& grad_eta_total) {
+  const DType acc = a.z_dtype == DType::kF64 ? DType::kF64 : DType::kF32;
+  const char* acc_name = a.z_dtype == DType::kF64 ? "float64" : "float32";
+  if (!loss_total.is_none())
+    a.loss_total = detail::arg(loss_total, "loss_total", z, false, acc, acc_name, {}).data;
+  if (!grad_eta_total.is_none()) {
+    if (!a.grad_eta && a.B > 0 && a.m > 0)  // (an empty grad_eta may have no data pointer)
+      throw py::value_error("grad_eta_total: given without grad_eta (it sums its rows)");
+    a.grad_eta_total =
+        detail::arg(grad_eta_total, "grad_eta_total", z, false, acc, acc_name, {a.m}).data;
+  }
+}
+
 }  // namespace shl

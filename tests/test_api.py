@@ -229,9 +229,9 @@ def test_upstream_gradient_scaling_without_host_sync(backend, sync, monkeypatch)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b in ("triton", "cuda")])
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b != "torch"])
 def test_fused_backward_scales_both_gradients_in_one_op(backend, monkeypatch):
-    # Kernels that sum over rows on the device (triton, cuda) leave the backward one op on a
+    # Kernels that sum over rows themselves (all fused ones) leave the backward one op on a
     # GPU's small buffers: the gradient and the eta gradient times the upstream gradient.
     from shl_kernels import fused
 
@@ -258,10 +258,12 @@ def test_fused_backward_scales_both_gradients_in_one_op(backend, monkeypatch):
     b for b in shl.available_backends() if b != "torch" and
     not (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")])
 def test_fused_forward_is_one_kernel_and_at_most_one_reduction(backend, reduction):
-    # A small batch's step is launch-bound on a GPU (issue 4's B=16 target): the fused
-    # forward allocates its outputs, runs the kernel (not a torch op, so not seen here) and
-    # reduces the loss in at most one op. Dense bool targets and fp32 buffers need no
-    # conversion. (On a GPU the loss, targets and weights are moved there by the test.)
+    # A small batch's step is launch-bound on a GPU (issue 4's B=16 target) and bound by
+    # host time on a CPU: the fused forward allocates its outputs and runs the kernel (not a
+    # torch op, so not seen here), which also sums over rows for "mean" and "sum": no torch
+    # op computes ("none": at most one, Triton's partial row losses summed per row). Dense
+    # bool targets and fp32 buffers need no conversion. (On a GPU the loss, targets and
+    # weights are moved there by the test.)
     seg = _seg()
     dev = "cpu" if backend == "cpu" else "cuda"
     z = torch.randn(3, 4, device=dev, requires_grad=True)
@@ -276,4 +278,4 @@ def test_fused_forward_is_one_kernel_and_at_most_one_reduction(backend, reductio
     with Ops() as seen:
         loss()
     work = [op for op in seen.ops if not op.startswith(("empty", "view", "alias", "detach"))]
-    assert len(work) <= 1, seen.ops
+    assert len(work) <= (1 if reduction == "none" else 0), seen.ops

@@ -389,6 +389,49 @@ def test_grad_scale_and_grad_eta_rows():
         torch.testing.assert_close(e1[i], gi, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 9, 300])
+def test_row_sums(dtype, B):
+    # reduce=True (what FusedSHL asks for "mean"/"sum"): the loss and grad_eta summed over
+    # rows by the kernel call, rows in order in double: the double sums of the rows it
+    # returns otherwise, rounded once. The totals start poisoned: every one is written.
+    seg, z, pos, ign, w, eta, delta = make(B, 301, 11, 4, dtype=dtype)
+    acc = _acc(dtype)
+    args = (z, pos.view(torch.uint8), ign.view(torch.uint8), seg.order, seg.offsets, w, eta,
+            delta, 1.0 / B, True)
+    loss, grad, geta = shl_fused_cpu(*args)
+    total = torch.full((), float("nan"), dtype=acc)
+    geta_total = torch.full((11,), float("nan"), dtype=acc)
+    outs = (torch.empty_like(loss), torch.empty_like(grad), torch.empty_like(geta))
+    _C.shl_fused_cpu(*(None if t is None else to_dlpack(t) for t in (*args[:8],)), 1.0 / B,
+                     *(to_dlpack(t) for t in outs), 2, to_dlpack(total), to_dlpack(geta_total))
+
+    def in_order(values):  # Python floats are doubles: the kernel's sum, term by term
+        t = 0.0
+        for v in values:
+            t += v
+        return t
+
+    assert total.item() == torch.tensor(in_order(loss.tolist()), dtype=acc).item()
+    want = torch.tensor([in_order(col) for col in geta.t().tolist()], dtype=acc)
+    assert torch.equal(geta_total, want)
+    assert torch.equal(outs[1], grad) and torch.equal(outs[2], geta)
+    got = shl_fused_cpu(*args, reduce=True)
+    assert torch.equal(got[0], total) and torch.equal(got[1], grad)
+    assert torch.equal(got[2], geta_total)
+    no_eta = shl_fused_cpu(*args[:9], False, reduce=True)  # grad_eta not asked: no sums
+    assert no_eta[2] is None and torch.equal(no_eta[0], total)
+
+
+def test_row_sums_of_no_rows():
+    seg = shl_kernels.Segmentation.from_segments([[0, 1]], 2)
+    loss, grad, geta = shl_fused_cpu(torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.uint8),
+                                     None, None, seg.offsets, None, torch.zeros(1), None, 1.0,
+                                     True, reduce=True)
+    assert torch.equal(loss, torch.zeros(())) and torch.equal(geta, torch.zeros(1))
+    assert grad.shape == (0, 2)
+
+
 def test_empty_shapes():
     seg = shl_kernels.Segmentation.from_segments([[0, 1]], 2)
     loss, grad, geta = shl_fused_cpu(torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.uint8),
@@ -466,11 +509,22 @@ def test_binding_accepts_valid_and_none():
     ("grad", torch.empty(7, 4).t(), ValueError),
     ("grad_eta", torch.empty(4, 2), ValueError),
     ("grad_eta", torch.empty(4, 3, dtype=torch.bfloat16), TypeError),
+    ("loss_total", torch.empty(1), ValueError),
+    ("loss_total", torch.empty((), dtype=torch.float64), TypeError),
+    ("grad_eta_total", torch.empty(4), ValueError),
+    ("grad_eta_total", torch.empty(3, dtype=torch.float16), TypeError),
 ])
 def test_binding_rejects_bad_arguments(name, bad, exc):
     kw = _valid()
     kw[name] = bad
     with pytest.raises(exc, match=f"^{name}:"):
+        _call(kw)
+
+
+def test_binding_rejects_grad_eta_total_without_grad_eta():
+    kw = _valid()
+    kw["grad_eta"], kw["grad_eta_total"] = None, torch.empty(3)
+    with pytest.raises(ValueError, match="^grad_eta_total: given without grad_eta"):
         _call(kw)
 
 
