@@ -132,13 +132,17 @@ TAIL=40 step triton_sched 90 "$PY" benchmarks/kernel_bandwidth.py --orders shuff
 # Where the host time of a B=16 step goes: per-op host costs, torch.profiler, cProfile.
 TAIL=80 step profile 60 "$PY" benchmarks/profile_step.py --steps 30 --cprofile 30
 
-# Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels), flat and
-# group schedules (two launches each: launches 1 and 3 are the ones to read): what bounds
-# it (memory, issue or latency), its occupancy and warp stalls.
+# Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels, flat
+# schedule; its two launches): what bounds it. Static counts (cuobjdump of an sm_90 build)
+# put it at ~60 instructions per label, which at full issue would take ~0.25 ms of its 0.8:
+# issue slots, pipe use (MUFU, LSU), warp stalls by reason and by source line (-lineinfo)
+# say whether it waits on latency (phases, barriers), shared memory or issue.
 if command -v ncu >/dev/null; then
-  TAIL=80 step ncu 120 ncu -k regex:shl_staged_kernel -c 4 --section SpeedOfLight \
-    --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-    "$PY" benchmarks/kernel_bandwidth.py --kernels "cuda staged,cuda groups" \
+  TAIL=80 step ncu 120 ncu -k regex:shl_staged_kernel -c 2 --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section SchedulerStats \
+    --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
+    --section MemoryWorkloadAnalysis --section SourceCounters \
+    "$PY" benchmarks/kernel_bandwidth.py --kernels "cuda staged" \
     --orders shuffled --shape 4096,32768,100 --repeats 1 --warmup 0
 else
   SUMMARY+=("$(printf '%-14s %-22s %5s' ncu "skipped: no ncu" -)")

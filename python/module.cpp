@@ -12,6 +12,7 @@ namespace py = pybind11;
 namespace shl {
 void register_cpu(py::module_& m);  // python/bind_cpu.cpp
 void register_elementwise(py::module_& m);  // python/bind_elementwise.cpp
+void register_targets(py::module_& m);  // python/bind_targets.cpp
 #ifdef SHL_WITH_CUDA
 void register_cuda(py::module_& m);  // python/bind_cuda.cpp
 #endif
@@ -39,6 +40,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("build_info") = info;
   shl::register_cpu(m);
   shl::register_elementwise(m);
+  shl::register_targets(m);
 #ifdef SHL_WITH_CUDA
   shl::register_cuda(m);
 #endif

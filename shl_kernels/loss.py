@@ -5,6 +5,7 @@ import torch
 
 from .backends import available_backends, fused_kernel, resolve
 from .fused import FusedSHL
+from .masks import float_mask, not_binary
 from .reference import harmonic_weights, shl_loss_reference
 from .segmentation import Segmentation
 
@@ -60,9 +61,12 @@ def _status(t, B: int, C: int, name: str, device: torch.device) -> torch.Tensor:
         return t.contiguous()
     if t.is_complex():
         raise TypeError(f"{name}: complex dtype {t.dtype} is not a 0/1 tensor")
+    if t.is_floating_point() and t.dtype in _SUPPORTED:
+        mask = float_mask(t, name)  # one native pass where the extension has it
+        if mask is not None:
+            return mask
     if bool(((t != 0) & (t != 1)).any()):
-        raise ValueError(f"{name}: dense targets must hold only 0 and 1 (soft labels are "
-                         "not part of SHL)")
+        raise not_binary(name)
     return (t != 0).view(torch.uint8)
 
 

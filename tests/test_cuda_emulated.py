@@ -62,7 +62,8 @@ def lib(tmp_path_factory):
     cmd = [gxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-DSHL_CUDA_EMULATION",
            "-DSHL_WITH_CUDA", "-Wno-unknown-pragmas", "-Wno-attributes", f"-I{emu}",
            f"-I{CSRC}", f"-I{inc}", "-x", "c++", str(CSRC / "shl_cuda.cu"),
-           str(CSRC / "elementwise_cuda.cu"), "-x", "none", str(emu / "shl_cuda_emulated.cpp"),
+           str(CSRC / "elementwise_cuda.cu"), str(CSRC / "targets_cuda.cu"), "-x", "none",
+           str(emu / "shl_cuda_emulated.cpp"),
            "-o", str(out)]
     build = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert build.returncode == 0, build.stderr[-4000:]
@@ -75,6 +76,8 @@ def lib(tmp_path_factory):
                                       ctypes.c_int, i64]
     d = ctypes.c_double
     so.emulated_take_max_smem.restype = ctypes.c_int64
+    so.targets_emulated_to_mask.restype = ctypes.c_char_p
+    so.targets_emulated_to_mask.argtypes = [p, ctypes.c_int, i64, p, p]
     so.elementwise_emulated_fused.restype = ctypes.c_char_p
     so.elementwise_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, p, ctypes.c_int,
                                               d, d, d, d, d, d, ctypes.c_int, d, p, p, p]
@@ -474,3 +477,23 @@ def test_row_sums_on_the_device(lib, B):
     assert torch.equal(grad, grad2)
     no_eta = emulated_kernel(lib, *args[:-1], False, reduce=True, staged=False)
     assert no_eta[2] is None and torch.equal(no_eta[0], total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("n", [0, 1, 1300], ids=str)
+def test_targets_to_mask(lib, dtype, n):
+    """csrc/targets_cuda.cu: the mask (t != 0) and the flag of values other than 0 and 1,
+    set by whichever thread sees one (the flag starts poisoned: the launch clears it)."""
+    from test_masks import BAD, binary, expected
+
+    for bad_value in [None, *BAD]:
+        t = binary((1, n), dtype, seed=n).view(-1)
+        if bad_value is not None and n:
+            t[n // 2] = bad_value
+        out = torch.full((n,), 9, dtype=torch.uint8)
+        flag = torch.tensor([-5], dtype=torch.int32)
+        err = lib.targets_emulated_to_mask(_ptr(t), _DTYPE_ENUM[dtype], n, _ptr(out), _ptr(flag))
+        assert err is None, err
+        want, want_bad = expected(t)
+        assert torch.equal(out, want) and flag.item() == int(want_bad)

@@ -336,3 +336,26 @@ def test_triton_sums_in_a_cuda_graph(counter_first):
         assert got[0].dim() == 0 and got[2].shape == (64,)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_float_targets_to_masks_on_the_gpu():
+    # masks.float_mask on CUDA tensors (the extension's kernel when built, else torch ops):
+    # the masks of bool targets for every float dtype, and the 0/1 check through the flag.
+    from test_masks import BAD, FLOATS, binary, expected
+
+    from shl_kernels import masks
+
+    for dtype, shape in itertools.product(FLOATS, [(0, 3), (5, 7), (64, 70001)]):
+        t = binary(shape, dtype, seed=shape[1]).to(DEV)
+        got = masks.float_mask(t, "targets")
+        if got is None:
+            pytest.skip("this build of shl_kernels._C has no CUDA mask conversion")
+        assert torch.equal(got, expected(t)[0])
+        for value in BAD:
+            if not t.numel():
+                continue
+            bad = t.clone()
+            bad.view(-1)[t.numel() // 3] = value
+            if expected(bad)[1]:
+                with pytest.raises(ValueError, match="^targets: dense targets must hold only"):
+                    masks.float_mask(bad, "targets")

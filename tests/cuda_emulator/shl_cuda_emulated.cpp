@@ -1,10 +1,12 @@
 // C entry points of the emulated CUDA kernels (tests/test_cuda_emulated.py loads them with
-// ctypes): csrc/shl_cuda.cu and csrc/elementwise_cuda.cu built as host C++ against
+// ctypes): csrc/shl_cuda.cu, csrc/elementwise_cuda.cu and csrc/targets_cuda.cu built as host
+// C++ against
 // tests/cuda_emulator/cuda_runtime.h. Pointers are host memory standing in for device memory.
 #include <cstdint>
 
 #include "cuda_runtime.h"  // the emulator's (this directory comes first)
 #include "shl_args.h"
+#include "targets.h"
 
 extern "C" const char* shl_emulated_fused(
     const void* z, int z_dtype, int64_t B, int64_t C, int64_t m, const uint8_t* pos,
@@ -85,4 +87,15 @@ extern "C" const char* elementwise_emulated_fused(
   a.grad = grad;
   a.device = 0;
   return shl::elementwise_fused_cuda(a, nullptr);
+}
+
+extern "C" const char* targets_emulated_to_mask(const void* t, int t_dtype, int64_t n,
+                                                uint8_t* out, int32_t* bad) {
+  shl::MaskArgs a;
+  a.t = t;
+  a.t_dtype = static_cast<shl::DType>(t_dtype);
+  a.n = n;
+  a.out = out;
+  a.device = 0;
+  return shl::targets_to_mask_cuda(a, bad, nullptr);
 }

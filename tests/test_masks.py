@@ -1,0 +1,99 @@
+"""Float targets and ignore masks to the kernels' uint8 masks in one native pass
+(shl_kernels.masks, csrc/targets*): the same masks and the same 0/1 check as torch ops."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.dlpack import to_dlpack
+
+import shl_kernels as shl
+from shl_kernels import masks
+
+_C = pytest.importorskip("shl_kernels._C")
+if not hasattr(_C, "targets_to_mask_cpu"):
+    pytest.skip("shl_kernels._C was built without the mask conversion", allow_module_level=True)
+
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Values that are not 0/1 (each makes a batch invalid): soft labels, out of range, NaN, inf,
+# tiny (nonzero), one ulp below 1.
+BAD = [0.5, 2.0, -1.0, float("nan"), float("inf"), 1e-30, 0.99999994]
+
+
+def binary(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.rand(shape, generator=g) < 0.3).to(dtype)
+    t.view(-1)[::7] = -0.0  # negative zero is zero
+    return t
+
+
+def expected(t):
+    """(mask, some value is neither 0 nor 1) by torch ops, the former implementation."""
+    return (t != 0).to(torch.uint8), bool(((t != 0) & (t != 1)).any())
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (7, 143), (3, 70001)], ids=str)
+def test_mask_of_binary_targets(dtype, shape):
+    # (3, 70001): over 2^16 elements, split between OpenMP threads
+    t = binary(shape, dtype, seed=shape[1])
+    got = masks.float_mask(t, "targets")
+    assert got.dtype == torch.uint8 and got.shape == t.shape
+    assert torch.equal(got, expected(t)[0])
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("value", BAD, ids=str)
+@pytest.mark.parametrize("where", [0, 500, 70000 * 3 - 1], ids=["first", "middle", "last"])
+def test_values_other_than_0_and_1_raise(dtype, value, where):
+    t = binary((3, 70000), dtype, seed=1)
+    t.view(-1)[where] = value
+    if not expected(t)[1]:  # the value rounds to 0 or 1 in this dtype: a valid batch
+        assert torch.equal(masks.float_mask(t, "ignore"), expected(t)[0])
+        return
+    with pytest.raises(ValueError, match="^ignore: dense targets must hold only 0 and 1"):
+        masks.float_mask(t, "ignore")
+
+
+def test_non_contiguous_targets():
+    t = binary((6, 40), torch.float32, seed=2)[:, ::2]
+    assert torch.equal(masks.float_mask(t, "targets"), expected(t)[0])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts_agree(threads):
+    t = binary((5, 30011), torch.float32, seed=3)
+    out = torch.full(t.shape, 7, dtype=torch.uint8)
+    assert _C.targets_to_mask_cpu(to_dlpack(t), to_dlpack(out), threads) is False
+    assert torch.equal(out, expected(t)[0])
+    t[4, 30010] = 0.25
+    assert _C.targets_to_mask_cpu(to_dlpack(t), to_dlpack(out), threads) is True
+
+
+@pytest.mark.parametrize("t, out, exc, match", [
+    (torch.zeros(3, dtype=torch.int64), torch.empty(3, dtype=torch.uint8), TypeError, "^t:"),
+    (torch.zeros(3), torch.empty(3, dtype=torch.bool), ValueError, None),
+    (torch.zeros(3), torch.empty(3), TypeError, "^out:"),
+    (torch.zeros(3), torch.empty(4, dtype=torch.uint8), ValueError, "^out: expected 3"),
+])
+def test_binding_rejects_bad_arguments(t, out, exc, match):
+    if match is None:  # a bool out is fine (same storage as uint8)
+        _C.targets_to_mask_cpu(to_dlpack(t), to_dlpack(out), 1)
+        return
+    with pytest.raises(exc, match=match):
+        _C.targets_to_mask_cpu(to_dlpack(t), to_dlpack(out), 1)
+
+
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b != "triton"])
+def test_loss_with_float_targets_and_ignore_equals_bool(backend):
+    # Through the public API: float targets and ignore give what bool ones give; soft ones
+    # raise before any kernel runs.
+    seg = shl.Segmentation.from_segments([[0, 2], [1], [3, 4]], 5)
+    z = torch.randn(4, 5, dtype=torch.float64)
+    t = binary((4, 5), torch.float64, seed=4)
+    ign = binary((4, 5), torch.float32, seed=5) * (1 - t.float())
+    want = shl.segmented_harmonic_loss(z, t.bool(), seg, ignore=ign.bool(), backend=backend)
+    got = shl.segmented_harmonic_loss(z, t, seg, ignore=ign, backend=backend)
+    assert torch.equal(got, want)
+    t[1, 1] = 0.7
+    with pytest.raises(ValueError, match="^targets: dense targets must hold only 0 and 1"):
+        shl.segmented_harmonic_loss(z, t, seg, backend=backend)
