@@ -192,6 +192,8 @@ def run(args) -> list[dict]:
             inputs[B, C, m, dtype] = make_inputs(B, C, m, dtype, device,
                                                  ordered=args.segment_ordered)
         seg, z0, pos, w, eta = inputs[B, C, m, dtype]
+        if args.float_targets:  # what BCE-style data pipelines hand over
+            pos = pos.float()
         z = z0.clone().requires_grad_(True)
         runners = (shl_runners(seg, z, pos, w, eta, backends) if loss == "shl" else
                    elementwise_runners(loss, z, pos, backends))
@@ -208,7 +210,8 @@ def run(args) -> list[dict]:
             for base in ("eager", "torch.compile"):
                 if base not in ms:
                     continue
-                name = f"{loss}_segment_ordered" if args.segment_ordered else loss
+                name = loss + ("_segment_ordered" if args.segment_ordered else "") + (
+                    "_float_targets" if args.float_targets else "")
                 rows.append({"benchmark": f"{name}_fwd_bwd", "backend": b, "baseline": base,
                              "device": dev_name, "dtype": str(dtype).replace("torch.", ""),
                              "B": B, "C": C, "m": seg.num_segments, "ms": round(ms[b], 4),
@@ -237,6 +240,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--losses", default="shl,bce,focal,asl",
                    help="comma list of shl, bce, focal, asl")
+    p.add_argument("--float-targets", action="store_true",
+                   help="targets as float32 0/1 (converted and checked by the fused losses)")
     p.add_argument("--segment-ordered", action="store_true",
                    help="logits already in segment order (identity-order fast path)")
     p.add_argument("--repeats", type=int, default=20)
