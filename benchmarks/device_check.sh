@@ -7,7 +7,7 @@
 # Every step is timed and bounded; a failing step is reported and the next ones still run.
 # The whole script stays under ~8 minutes. Logs and results go to ${OUT:-benchmarks/results}:
 # one log per step plus bench_loss's CSV; a device run brings back at most 8 files from $OUT,
-# so pick steps with STEPS (all of them make 11).
+# so pick steps with STEPS (all of them make 12).
 # Usage: bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,6 +84,10 @@ fi
 if [[ -f benchmarks/bench_loss.py ]]; then
   TAIL=12 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --quick-gpu \
     --losses "${BENCH_LOSSES:-shl,bce,focal,asl}"
+  # The same SHL shapes with float 0/1 targets: the fused losses convert and check them
+  # (one pass of the extension's CUDA kernel; torch ops without the build).
+  TAIL=8 step bench_float 100 "$PY" benchmarks/bench_loss.py --device cuda --quick-gpu \
+    --losses shl --float-targets
 else
   SUMMARY+=("$(printf '%-14s %-22s %5s' bench_loss "skipped: no script" -)")
 fi
