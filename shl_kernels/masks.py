@@ -1,41 +1,56 @@
 """Dense 0/1 targets and ignore masks of a floating dtype to the uint8 masks the kernels read,
-in one native pass (csrc/targets*): with torch ops the conversion and its 0/1 check took
-five passes over the batch, more than the fused loss itself (CPU, 512 x 8192 fp32: 6.1 ms
-against 3.5 ms for the loss and its gradient)."""
+in one pass that also checks for other values: the extension's (csrc/targets*: OpenMP C++,
+CUDA) or, on GPUs without its CUDA build, Triton's (triton_masks.py). With torch ops the
+conversion and its check took five passes over the batch, more than the fused loss itself
+(CPU, 512 x 8192 fp32: 6.1 ms against 3.5 ms for the loss and its gradient)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
 from .backends import native
 from .fused import capsule, stream_handle
 
+# convert(t, out) -> flag: a bool, or an int32 [1] device tensor (read back by float_mask)
+Converter = Callable[[torch.Tensor, torch.Tensor], "bool | torch.Tensor"]
+
 
 @functools.cache
-def _converter(device_type: str):
-    """The extension's conversion for tensors on `device_type`, or None (not built there)."""
+def _converter(device_type: str) -> Converter | None:
+    """The conversion for tensors on `device_type`, or None (torch ops then)."""
     ext = native()
-    return None if ext is None else getattr(ext, f"targets_to_mask_{device_type}", None)
+    fn = None if ext is None else getattr(ext, f"targets_to_mask_{device_type}", None)
+    if fn is not None and device_type == "cpu":
+        return lambda t, out: fn(capsule(t), capsule(out), torch.get_num_threads())
+    if fn is not None:
+        def cuda(t, out):
+            flag = torch.empty(1, dtype=torch.int32, device=t.device)
+            fn(capsule(t), capsule(out), capsule(flag), stream_handle(t.device))
+            return flag
+        return cuda
+    if device_type == "cuda":
+        try:
+            from .triton_masks import to_mask
+        except ImportError:
+            return None
+        return to_mask
+    return None
 
 
 def float_mask(t: torch.Tensor, name: str) -> torch.Tensor | None:
     """(t != 0) as uint8 for a floating `t` of 0s and 1s; ValueError naming `name` when some
-    value is neither (soft labels, NaN). None when the extension has no conversion for t's
-    device (the caller falls back to torch ops). On CUDA the check reads one flag back (a
-    host sync, as the torch check had)."""
+    value is neither (soft labels, NaN). None when there is no conversion for t's device
+    (the caller falls back to torch ops). On GPUs the check reads one flag back (a host sync,
+    as the torch check had)."""
     convert = _converter(t.device.type)
     if convert is None:
         return None
     t = t.contiguous()
     out = torch.empty(t.shape, dtype=torch.uint8, device=t.device)
-    if t.device.type == "cpu":
-        bad = convert(capsule(t), capsule(out), torch.get_num_threads())
-    else:
-        flag = torch.empty(1, dtype=torch.int32, device=t.device)
-        convert(capsule(t), capsule(out), capsule(flag), stream_handle(t.device))
-        bad = bool(flag.item())
-    if bad:
+    bad = convert(t, out)
+    if bad if isinstance(bad, bool) else bool(bad.item()):
         raise not_binary(name)
     return out
 

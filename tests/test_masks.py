@@ -2,6 +2,9 @@
 (shl_kernels.masks, csrc/targets*): the same masks and the same 0/1 check as torch ops."""
 from __future__ import annotations
 
+import os
+import textwrap
+
 import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -97,3 +100,39 @@ def test_loss_with_float_targets_and_ignore_equals_bool(backend):
     t[1, 1] = 0.7
     with pytest.raises(ValueError, match="^targets: dense targets must hold only 0 and 1"):
         shl.segmented_harmonic_loss(z, t, seg, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("n", [1, 2048, 5000], ids=str)
+def test_triton_conversion(dtype, n):
+    # triton_masks (GPUs without the CUDA build), here under TRITON_INTERPRET=1 on CPU
+    # tensors: the mask, and the flag only where some value is neither 0 nor 1 (5000: three
+    # programs, the last one partial).
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    from shl_kernels.triton_masks import to_mask
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for bad_value in [None, *BAD]:
+        t = binary((1, n), dtype, seed=n).view(-1).to(dev)
+        if bad_value is not None:
+            t[n - 1] = bad_value
+        out = torch.full((n,), 9, dtype=torch.uint8, device=dev)
+        flag = to_mask(t, out)
+        want, want_bad = expected(t)
+        assert torch.equal(out, want) and flag.item() == int(want_bad)
+
+
+def test_triton_conversion_compiles_for_sm90(compile_sm90):
+    # the interpreter checks no types: real sm_90 code for every float dtype
+    compile_sm90(textwrap.dedent("""
+        import sys
+        sys.path.insert(0, "benchmarks")
+        from triton_resources import PTR, compile_sm90
+        from shl_kernels.triton_masks import BLOCK, _to_mask_kernel
+        for dt in ("fp32", "fp64", "fp16", "bf16"):
+            sig = {"t_ptr": PTR[dt], "out_ptr": "*u8", "bad_ptr": "*i32", "n": "i64"}
+            assert compile_sm90(_to_mask_kernel, sig, {"BLOCK": BLOCK}, 4).asm["cubin"]
+        print("compiled")
+    """))
