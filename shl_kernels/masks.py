@@ -24,7 +24,7 @@ def _converter(device_type: str) -> Converter | None:
     fn = None if ext is None else getattr(ext, f"targets_to_mask_{device_type}", None)
     if fn is not None and device_type == "cpu":
         return lambda t, out: fn(capsule(t), capsule(out), torch.get_num_threads())
-    if fn is not None:
+    if fn is not None and _cuda_kernels_run():
         def cuda(t, out):
             flag = torch.empty(1, dtype=torch.int32, device=t.device)
             fn(capsule(t), capsule(out), capsule(flag), stream_handle(t.device))
@@ -37,6 +37,12 @@ def _converter(device_type: str) -> Converter | None:
             return None
         return to_mask
     return None
+
+
+def _cuda_kernels_run() -> bool:
+    from .kernels_cuda import cuda_available  # (its checks: the build, driver and device)
+
+    return cuda_available()[0]
 
 
 def float_mask(t: torch.Tensor, name: str) -> torch.Tensor | None:

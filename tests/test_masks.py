@@ -136,3 +136,33 @@ def test_triton_conversion_compiles_for_sm90(compile_sm90):
             assert compile_sm90(_to_mask_kernel, sig, {"BLOCK": BLOCK}, 4).asm["cubin"]
         print("compiled")
     """))
+
+
+@pytest.mark.parametrize("built, runs", [(True, True), (True, False), (False, False)])
+def test_gpu_conversion_routing(monkeypatch, built, runs):
+    # CUDA tensors: the extension's kernel where it was built with CUDA and can run, else
+    # Triton (GPUs without nvcc at install), else None (torch ops).
+    calls = []
+
+    class Ext:
+        if built:
+            @staticmethod
+            def targets_to_mask_cuda(*args):
+                calls.append(args)
+
+    monkeypatch.setattr(masks, "native", lambda: Ext)
+    monkeypatch.setattr(masks, "_cuda_kernels_run", lambda: runs)
+    convert = masks._converter.__wrapped__("cuda")
+    if built and runs:
+        monkeypatch.setattr(masks, "stream_handle", lambda device: 7)
+        t = torch.zeros(3)
+        flag = convert(t, torch.empty(3, dtype=torch.uint8))
+        assert flag.dtype == torch.int32 and flag.shape == (1,)
+        assert len(calls) == 1 and calls[0][3] == 7
+        return
+    try:
+        from shl_kernels.triton_masks import to_mask
+    except ImportError:
+        assert convert is None
+    else:
+        assert convert is to_mask
