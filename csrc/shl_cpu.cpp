@@ -438,6 +438,11 @@ void sum_rows(const ShlArgs& a) {
   }
 }
 
+void sum_rows(const ShlArgs& a) {
+  if (a.z_dtype == DType::kF64) sum_rows<double>(a);
+  else sum_rows<float>(a);
+}
+
 const char* run_and_sum(const ShlArgs& a, const int32_t* o, const int32_t* iv) {
   const char* err = nullptr;
   switch (a.z_dtype) {
@@ -447,10 +452,8 @@ const char* run_and_sum(const ShlArgs& a, const int32_t* o, const int32_t* iv) {
     case DType::kF16: err = run<F16, float>(a, o, iv); break;
     default: return "z: unsupported dtype (float32, float64, float16, bfloat16)";
   }
-  if (err) return err;
-  if (a.z_dtype == DType::kF64) sum_rows<double>(a);
-  else sum_rows<float>(a);
-  return nullptr;
+  if (!err) sum_rows(a);
+  return err;
 }
 
 }  // namespace
@@ -465,9 +468,8 @@ const char* shl_fused_cpu(const ShlArgs& a) {
   if (a.offsets[0] != 0 || a.offsets[a.m] != a.C) return "offsets: must start at 0 and end at C";
   for (int64_t k = 0; k < a.m; ++k)
     if (a.offsets[k + 1] < a.offsets[k]) return "offsets: must not decrease";
-  if (a.B == 0) {  // (sums of no rows: 0)
-    if (a.z_dtype == DType::kF64) sum_rows<double>(a);
-    else sum_rows<float>(a);
+  if (a.B == 0) {
+    sum_rows(a);  // sums of no rows: 0
     return nullptr;
   }
 
