@@ -27,20 +27,30 @@ def _csr_to_dense(t: tuple, B: int, C: int, name: str, device: torch.device) -> 
                              "move it with .to(logits.device)")
     if indptr.numel() != B + 1:
         raise ValueError(f"{name}: CSR indptr must have B+1={B + 1} entries, got {indptr.numel()}")
-    counts = indptr.diff().long()
-    if (B and int(indptr[0]) != 0) or bool((counts < 0).any()) or int(indptr[-1]) != indices.numel():
-        raise ValueError(f"{name}: CSR indptr must start at 0, not decrease and end at "
-                         f"len(indices)={indices.numel()}")
-    idx = indices.long()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= C):
-        raise ValueError(f"{name}: label ids must be in [0, {C}), got "
-                         f"[{int(idx.min())}, {int(idx.max())}]")
-    rows = torch.repeat_interleave(torch.arange(B, device=device), counts)
+    nnz = indices.numel()
+    ptr, idx = indptr.long(), indices.long()
+    # Each entry's flat position in [B, C] (its row from indptr: meaningful once indptr
+    # passes its checks); a duplicate in a row is an equal neighbour after sorting. Every
+    # check's value comes back in one small read (one host sync on GPUs, not six), and only
+    # nnz-sized tensors are reduced (a sum over the dense [B, C] mask cost more than the
+    # fused loss on CPU).
+    rows = torch.searchsorted(ptr[1:], torch.arange(nnz, device=device), right=True)
     flat = rows * C + idx
+    srt = flat.sort().values
+    none = torch.zeros((), dtype=torch.int64, device=device)
+    first, last, dec, lo, hi, dup = torch.stack([
+        ptr[0], ptr[-1], (ptr.diff() < 0).any().long(),
+        idx.min() if nnz else none, idx.max() if nnz else none,
+        (srt[1:] == srt[:-1]).any().long()]).tolist()
+    if (B and first != 0) or dec or last != nnz:
+        raise ValueError(f"{name}: CSR indptr must start at 0, not decrease and end at "
+                         f"len(indices)={nnz}")
+    if nnz and (lo < 0 or hi >= C):
+        raise ValueError(f"{name}: label ids must be in [0, {C}), got [{lo}, {hi}]")
+    if dup:
+        raise ValueError(f"{name}: duplicate label ids in a row")
     out = torch.zeros(B * C, dtype=torch.uint8, device=device)
     out.index_fill_(0, flat, 1)
-    if idx.numel() and int(out.sum()) != idx.numel():
-        raise ValueError(f"{name}: duplicate label ids in a row")
     return out.view(B, C)
 
 

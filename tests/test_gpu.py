@@ -359,3 +359,17 @@ def test_float_targets_to_masks_on_the_gpu():
             if expected(bad)[1]:
                 with pytest.raises(ValueError, match="^targets: dense targets must hold only"):
                     masks.float_mask(bad, "targets")
+
+
+def test_csr_targets_on_the_gpu():
+    # CSR on CUDA tensors: the dense mask of the row oracle, and the loss of dense targets.
+    from test_csr_targets import random_csr
+
+    from shl_kernels.loss import _status
+
+    (indptr, indices), want = random_csr(300, 2000, seed=7, dtype=torch.int32)
+    got = _status((indptr.to(DEV), indices.to(DEV)), 300, 2000, "targets", torch.device(DEV))
+    assert torch.equal(got.cpu(), want)
+    with pytest.raises(ValueError, match="^targets: duplicate label ids in a row"):
+        _status((torch.tensor([0, 2], device=DEV), torch.tensor([5, 5], device=DEV)), 1, 9,
+                "targets", torch.device(DEV))
