@@ -101,12 +101,9 @@ def _param(x, shape: tuple, name: str, z: torch.Tensor, positive: bool = False):
 
 
 def _seg_tensors(seg: Segmentation, device: torch.device):
-    """(order or None for identity, offsets) on `device`, cached on the Segmentation."""
-    cache = seg.__dict__.setdefault("_device_tensors", {})
-    if device not in cache:
-        order = None if seg.is_identity_order else seg.order.to(device).contiguous()
-        cache[device] = (order, seg.offsets.to(device).contiguous())
-    return cache[device]
+    """(order or None for identity, offsets) on `device`, kept on the Segmentation."""
+    order, offsets, _ = seg.on(device)
+    return None if seg.is_identity_order else order, offsets
 
 
 _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -11,7 +11,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _seg_index(seg: Segmentation, B: int, device) -> torch.Tensor:
-    return seg.segment_at_position.to(device).unsqueeze(0).expand(B, -1)
+    return seg.on(device)[2].unsqueeze(0).expand(B, -1)
 
 
 def _segment_max(u: torch.Tensor, eta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def shl_loss_reference(z: torch.Tensor, pos: torch.Tensor, seg: Segmentation,
     m = seg.num_segments
     acc = _acc_dtype(z.dtype)
     dev = z.device
-    order = seg.order.to(dev)
+    order = seg.on(dev)[0]
     u = z.to(acc) if delta is None else z.to(acc) + delta.to(acc)
     u = u[:, order]
     ig = torch.zeros_like(u, dtype=torch.bool) if ign is None else ign.bool()[:, order]
@@ -66,7 +66,7 @@ def segment_probs(logits: torch.Tensor, seg: Segmentation,
     B, _C = logits.shape
     acc = _acc_dtype(logits.dtype)
     dev = logits.device
-    order = seg.order.to(dev)
+    order = seg.on(dev)[0]
     u = logits.to(acc)[:, order]
     m = seg.num_segments
     eta = (torch.zeros(m, dtype=acc, device=dev) if null_logits is None

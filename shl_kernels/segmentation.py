@@ -72,6 +72,16 @@ class Segmentation:
         """int64 [C]: segment of each segment-ordered position."""
         return self._segment_at_position
 
+    def on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, offsets, segment_at_position) on `device`, copied there once and kept: a
+        copy per loss call would be a blocking host-to-device transfer on GPUs."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_on_device", {})
+        if device not in cache:
+            cache[device] = tuple(t.to(device).contiguous() for t in (
+                self.order, self.offsets, self._segment_at_position))
+        return cache[device]
+
     @property
     def segment_of(self) -> torch.Tensor:
         out = torch.empty(self.num_labels, dtype=torch.int64)

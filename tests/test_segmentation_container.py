@@ -147,3 +147,17 @@ def test_loss_same_with_segment_ordered_head(backend):
     ref.backward()
     out.backward()
     torch.testing.assert_close(new.weight.grad, head.weight.grad[seg.order])
+
+
+def test_device_tensors_are_copied_once():
+    # Segmentation.on: what the loss and the reference index with, on the logits' device,
+    # made once per device (a copy per call is a blocking transfer on GPUs).
+    seg = shl.Segmentation.from_segments([[3, 0], [1], [4, 2]], 5)
+    first = seg.on("cpu")
+    assert seg.on(torch.device("cpu")) is first
+    order, offsets, at = first
+    assert torch.equal(order, seg.order) and torch.equal(offsets, seg.offsets)
+    assert torch.equal(at, seg.segment_at_position) and all(t.is_contiguous() for t in first)
+    if torch.cuda.is_available():
+        on_gpu = seg.on("cuda")
+        assert on_gpu[0].is_cuda and seg.on("cuda") is on_gpu
