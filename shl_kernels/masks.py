@@ -45,6 +45,9 @@ def _cuda_kernels_run() -> bool:
     return cuda_available()[0]
 
 
+# Under torch.compile (backend="torch" traces the input checks) this runs eagerly behind one
+# graph break, as the data-dependent torch check did: Dynamo cannot trace the native call.
+@torch.compiler.disable
 def float_mask(t: torch.Tensor, name: str) -> torch.Tensor | None:
     """(t != 0) as uint8 for a floating `t` of 0s and 1s; ValueError naming `name` when some
     value is neither (soft labels, NaN). None when there is no conversion for t's device

@@ -79,3 +79,30 @@ def test_backend_errors_are_plain_value_errors_in_compiled_code():
                        backend="eager")
     with pytest.raises(ValueError, match="^backend: 'cuda'"):
         fn(z)
+
+
+@pytest.mark.parametrize("form", ["float", "csr"])
+@pytest.mark.parametrize("backend", [*FUSED, "torch"])
+def test_target_forms_in_compiled_code(backend, form):
+    # Float and CSR targets are converted and checked with native calls and host reads:
+    # behind a graph break without Dynamo warnings, with the loss of bool targets.
+    device = "cuda" if backend not in ("cpu", "torch") and torch.cuda.is_available() else "cpu"
+    seg, _, targets, w = _problem(device)
+    if form == "float":
+        given = targets.float()
+    else:
+        cols = targets.nonzero(as_tuple=True)[1]
+        given = (torch.cat([torch.zeros(1, dtype=torch.int64, device=device),
+                            targets.sum(1).cumsum(0)]), cols)
+    z = torch.randn(6, seg.num_labels, device=device)
+
+    def loss(z, t):
+        return shl.segmented_harmonic_loss(z, t, seg, label_weights=w, backend=backend)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(loss, backend="eager")(z, given)
+    assert not [w for w in caught if "Dynamo" in str(w.message)], \
+        [str(w.message)[:200] for w in caught]
+    torch.testing.assert_close(got, loss(z, targets), rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
