@@ -92,10 +92,13 @@ else
   SUMMARY+=("$(printf '%-14s %-22s %5s' bench_loss "skipped: no script" -)")
 fi
 
-# Training shapes, Triton and CUDA backends. With xdist the tests run in 4 processes (their
-# memory checks read each process's own allocator, so they are not disturbed).
+# Training shapes, Triton and CUDA backends; the public API's GPU cases (op counts of a
+# small step, the one-op backward, target forms, torch.compile). With xdist the tests run in
+# 4 processes (their memory checks read each process's own allocator, so they are not
+# disturbed).
 TAIL=25 step gpu_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST4[@]+"${XDIST4[@]}"} \
-  tests/test_gpu.py
+  tests/test_gpu.py tests/test_api.py tests/test_masks.py tests/test_csr_targets.py \
+  tests/test_compile.py
 
 # Every kernel test file on the GPU: the CUDA kernel's own tests, the small-shape Triton SHL
 # tests (lane and chunk edge cases, tiny BLOCKs) and the GPU backends (cuda, triton) of the
