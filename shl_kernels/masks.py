@@ -13,8 +13,8 @@ import torch
 from .backends import native
 from .fused import capsule, stream_handle
 
-# convert(t, out) -> flag: a bool, or an int32 [1] device tensor (read back by float_mask)
-Converter = Callable[[torch.Tensor, torch.Tensor], "bool | torch.Tensor"]
+# convert(t, out) -> whether some value of t is neither 0 nor 1 (on GPUs: a flag read back)
+Converter = Callable[[torch.Tensor, torch.Tensor], bool]
 
 
 @functools.cache
@@ -28,14 +28,14 @@ def _converter(device_type: str) -> Converter | None:
         def cuda(t, out):
             flag = torch.empty(1, dtype=torch.int32, device=t.device)
             fn(capsule(t), capsule(out), capsule(flag), stream_handle(t.device))
-            return flag
+            return bool(flag.item())
         return cuda
     if device_type == "cuda":
         try:
-            from .triton_masks import to_mask
+            from . import triton_masks
         except ImportError:
             return None
-        return to_mask
+        return lambda t, out: bool(triton_masks.to_mask(t, out).item())
     return None
 
 
@@ -58,8 +58,7 @@ def float_mask(t: torch.Tensor, name: str) -> torch.Tensor | None:
         return None
     t = t.contiguous()
     out = torch.empty(t.shape, dtype=torch.uint8, device=t.device)
-    bad = convert(t, out)
-    if bad if isinstance(bad, bool) else bool(bad.item()):
+    if convert(t, out):
         raise not_binary(name)
     return out
 
