@@ -37,10 +37,9 @@ def _csr_to_dense(t: tuple, B: int, C: int, name: str, device: torch.device) -> 
     rows = torch.searchsorted(ptr[1:], torch.arange(nnz, device=device), right=True)
     flat = rows * C + idx
     srt = flat.sort().values
-    none = torch.zeros((), dtype=torch.int64, device=device)
+    lo_hi = idx.aminmax() if nnz else (ptr[0], ptr[0])  # (no ids: unread placeholders)
     first, last, dec, lo, hi, dup = torch.stack([
-        ptr[0], ptr[-1], (ptr.diff() < 0).any().long(),
-        idx.min() if nnz else none, idx.max() if nnz else none,
+        ptr[0], ptr[-1], (ptr.diff() < 0).any().long(), *lo_hi,
         (srt[1:] == srt[:-1]).any().long()]).tolist()
     if (B and first != 0) or dec or last != nnz:
         raise ValueError(f"{name}: CSR indptr must start at 0, not decrease and end at "
