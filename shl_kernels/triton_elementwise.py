@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .fused import on_device
 from .kernels_elementwise import ElemSpec
+from .triton_launch import DirectLaunch
 
 _MAX_TILE = 4096
 _MAX_BLOCK_C = 1024
@@ -143,6 +144,9 @@ def _elementwise_kernel(z_ptr, pos_ptr, ign_ptr, w_ptr, pw_ptr, par_ptr, part_pt
                  mask=rmask)
 
 
+_launch = DirectLaunch(_elementwise_kernel)
+
+
 @functools.lru_cache(maxsize=64)
 def _params(spec: ElemSpec, grad_scale: float, dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
@@ -170,16 +174,17 @@ def elementwise_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tens
     part = torch.empty(B, n_cb, dtype=acc, device=z.device) if loss_rows is not None else None
     par = _params(spec, float(grad_scale), acc, z.device)
     grid = (triton.cdiv(B, block_b), n_cb)
-    with on_device(z.device):
-        _elementwise_kernel[grid](
-            z, pos, ign if ign is not None else pos, weight if weight is not None else par,
+    args = (z, pos, ign if ign is not None else pos, weight if weight is not None else par,
             pos_weight if pos_weight is not None else par, par,
             part if part is not None else par, loss_el if loss_el is not None else z,
-            grad if grad is not None else z, B, C, n_cb,
-            KIND=spec.kind, DETACH=spec.detach, CLIP=spec.clip > 0, HAS_IGN=ign is not None,
-            HAS_W=weight is not None, HAS_PW=pos_weight is not None,
-            WRITE_ROWS=loss_rows is not None, WRITE_EL=loss_el is not None,
-            WRITE_GRAD=grad is not None, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            BLOCK_B=block_b, BLOCK_C=block_c)
+            grad if grad is not None else z, B, C, n_cb)
+    flags = {"KIND": spec.kind, "DETACH": spec.detach, "CLIP": spec.clip > 0,
+             "HAS_IGN": ign is not None, "HAS_W": weight is not None,
+             "HAS_PW": pos_weight is not None, "WRITE_ROWS": loss_rows is not None,
+             "WRITE_EL": loss_el is not None, "WRITE_GRAD": grad is not None,
+             "ACC": tl.float64 if acc == torch.float64 else tl.float32,
+             "BLOCK_B": block_b, "BLOCK_C": block_c}
+    with on_device(z.device):
+        _launch(grid, args, flags, z.device)
     if loss_rows is not None:
         torch.sum(part, dim=1, out=loss_rows)

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .fused import on_device
+from .triton_launch import DirectLaunch
 
 BLOCK = 2048
 
@@ -22,6 +23,9 @@ def _to_mask_kernel(t_ptr, out_ptr, bad_ptr, n, BLOCK: tl.constexpr):
         tl.atomic_or(bad_ptr, 1)
 
 
+_launch = DirectLaunch(_to_mask_kernel)
+
+
 def to_mask(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = (t != 0) as uint8 (t contiguous, floating; out uint8 of t's size); returns an
     int32 [1] flag on t's device, 1 where some value of t is neither 0 nor 1."""
@@ -29,5 +33,5 @@ def to_mask(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = t.numel()
     if n:
         with on_device(t.device):
-            _to_mask_kernel[(triton.cdiv(n, BLOCK),)](t, out, flag, n, BLOCK=BLOCK)
+            _launch((triton.cdiv(n, BLOCK),), (t, out, flag, n), {"BLOCK": BLOCK}, t.device)
     return flag

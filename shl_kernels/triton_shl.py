@@ -28,7 +28,7 @@ import triton.language as tl
 from triton import knobs
 
 from .fused import on_device, stream_handle
-from .triton_launch import TunedLaunch
+from .triton_launch import DirectLaunch, TunedLaunch
 
 _ACC = {torch.float32: torch.float32, torch.float16: torch.float32,
         torch.bfloat16: torch.float32, torch.float64: torch.float64}
@@ -296,6 +296,7 @@ _tuned = triton.autotune(_CONFIGS, key=_KEY)(_shl_kernel)
 # Autotuning runs the kernel several times: with grad_out aliasing z, z must be put back.
 _tuned_inplace = triton.autotune(_CONFIGS, key=_KEY, restore_value=["z_ptr"])(_shl_kernel)
 _launch, _launch_inplace = TunedLaunch(_tuned), TunedLaunch(_tuned_inplace)
+_launch_fixed = DirectLaunch(_shl_kernel)  # BLOCK given (tests, tuning)
 
 _INTERPRET_BLOCK = 32  # the interpreter cannot autotune; small so tests reach the loop path
 
@@ -470,10 +471,10 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     # Triton launches on the current device: make it z's (multi-GPU).
     with on_device(dev):
         if block is not None:
-            _shl_kernel[grid](*args, **flags, BLOCK=block, num_warps=num_warps or 4)
+            _launch_fixed(grid, args, {**flags, "BLOCK": block, "num_warps": num_warps or 4}, dev)
         else:
             (_launch_inplace if aliased else _launch)(grid, args, flags,
-                                                      (z.dtype, *flags.values()))
+                                                      (z.dtype, *flags.values()), dev)
     if on_chip:
         return loss, grad, geta_sum
     # [B, n] partial row losses: FusedSHL sums them with the batch in one op

@@ -367,4 +367,4 @@ def launch_staged(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                                         **dict(_INTERPRET, CHUNK=min(CP, _INTERPRET["CHUNK"])))
     else:
         (_launch_inplace if aliased else _launch)((programs,), args, flags,
-                                                  (z.dtype, *flags.values()))
+                                                  (z.dtype, *flags.values()), dev)

@@ -373,3 +373,46 @@ def test_csr_targets_on_the_gpu():
     with pytest.raises(ValueError, match="^targets: duplicate label ids in a row"):
         _status((torch.tensor([0, 2], device=DEV), torch.tensor([5, 5], device=DEV)), 1, 9,
                 "targets", torch.device(DEV))
+
+
+@pytest.mark.parametrize("loss", ["shl", "bce"])
+def test_triton_direct_launches_match_tritons_own(monkeypatch, loss):
+    """triton_launch.DirectLaunch: after Triton's first launch per key, later ones go to the
+    compiled kernel's launcher. Same results as Triton's own launch path (the same binary);
+    a logits view off 16-byte alignment gets its own binary (Triton specializes on it)."""
+    from shl_kernels import triton_elementwise, triton_launch, triton_shl
+
+    direct = triton_shl._launch.direct if loss == "shl" else triton_elementwise._launch
+    fast = []
+    stream = triton_launch.stream_handle
+    monkeypatch.setattr(triton_launch, "stream_handle", lambda d: fast.append(d) or stream(d))
+    x = _problem(16, 8192, 64, torch.float32, seed=21)
+
+    def run(z):
+        z = z.detach().requires_grad_()
+        if loss == "shl":
+            out = shl.segmented_harmonic_loss(z, x["pos"], x["seg"], label_weights=x["w"],
+                                              ignore=x["ign"], backend="triton")
+        else:
+            out = shl.bce_loss(z, x["pos"], ignore=x["ign"], backend="triton")
+        out.backward()
+        return out.detach(), z.grad
+
+    monkeypatch.setattr(direct, "native", False)  # Triton's own launch path
+    want = run(x["z"])
+    assert not fast
+    monkeypatch.setattr(direct, "native", True)
+    for _ in range(3):
+        got = run(x["z"])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fast, "no direct launch"
+    n_kernels, n_fast = len(direct.kernels), len(fast)
+    unaligned = torch.empty(x["z"].numel() + 1, device=DEV)[1:].view_as(x["z"])
+    unaligned.copy_(x["z"])
+    assert unaligned.data_ptr() % 16 != 0
+    for _ in range(2):
+        got = run(unaligned)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert len(direct.kernels) == n_kernels + 1 and len(fast) == n_fast + 1
