@@ -136,8 +136,10 @@ TAIL=40 step triton_sched 90 "$PY" benchmarks/kernel_bandwidth.py --orders shuff
   --shape 4096,12000,100 --shape 1024,32768,100 --shape 264,32768,100 --shape 132,32768,100 \
   --shape 64,32768,100 --shape 1024,8922,300
 
-# Where the host time of a B=16 step goes: per-op host costs, torch.profiler, cProfile.
-TAIL=80 step profile 60 "$PY" benchmarks/profile_step.py --steps 30 --cprofile 30
+# Where the host time of a B=16 step goes: Triton steps with and without direct launches
+# (triton_launch.DirectLaunch) beside eager, then per-op host costs, torch.profiler, cProfile.
+TAIL=90 step profile 90 bash -c "$PY benchmarks/profile_step.py --direct-ab; \
+  $PY benchmarks/profile_step.py --steps 30 --cprofile 30"
 
 # Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels, flat
 # schedule; its two launches): what bounds it. Static counts (cuobjdump of an sm_90 build)

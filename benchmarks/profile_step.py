@@ -2,6 +2,7 @@
 host time per step, GPU kernel time, and the torch.profiler table of the ops it launches.
 
 Usage: python benchmarks/profile_step.py [--shape 16,8192,64] [--backends cuda,triton]
+       [--cprofile N] [--direct-ab]
 """
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import argparse
 import time
 
 import torch
-from bench_loss import make_inputs
+from bench_loss import make_inputs, time_fb
 from torch.profiler import ProfilerActivity, profile
 
 import shl_kernels as shl
 from shl_kernels.backends import why_unavailable
+from shl_kernels.reference import shl_loss_reference
 
 
 def _host_us(fn, sync, n: int = 200) -> float:
@@ -73,10 +75,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
                    help="also print the N Python functions of most own time in 200 steps")
+    p.add_argument("--direct-ab", action="store_true",
+                   help="only compare Triton steps with and without direct launches "
+                        "(triton_launch.DirectLaunch) side by side, with eager beside them")
     args = p.parse_args()
     B, C, m = map(int, args.shape.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if args.direct_ab:
+        direct_ab(B, C, m, device)
+        return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     seg, z0, pos, w, eta = make_inputs(B, C, m, torch.float32, device)
     for backend in args.backends.split(","):
@@ -111,6 +119,41 @@ def main() -> None:
                                         max_name_column_width=48))
         if args.cprofile:
             python_profile(step, sync, args.cprofile)
+
+
+def direct_ab(B: int, C: int, m: int, device: str, rounds: int = 7, steps: int = 30) -> None:
+    """Forward+backward ms (bench_loss.time_fb: synced steps, median) of the Triton SHL and
+    BCE losses with direct launches on and off, interleaved round by round, and of the eager
+    SHL reference; prints the median over rounds of each."""
+    why = why_unavailable("triton")
+    if device != "cuda" or why is not None:
+        print(f"direct-ab: needs the triton backend on a GPU ({why or 'no GPU'})")
+        return
+    from shl_kernels.triton_launch import direct_launches
+
+    seg, z0, pos, w, eta = make_inputs(B, C, m, torch.float32, device)
+    z = z0.clone().requires_grad_(True)
+    runs = {
+        "shl triton": lambda: shl.segmented_harmonic_loss(z, pos, seg, label_weights=w,
+                                                          null_logits=eta, backend="triton"),
+        "bce triton": lambda: shl.bce_loss(z, pos, backend="triton"),
+        "shl eager": lambda: shl_loss_reference(z, pos, seg, w, eta),
+    }
+    cases = [(name, on) for name in runs for on in ((True, False) if "triton" in name else
+                                                       (True,))]
+    times: dict[tuple, list[float]] = {c: [] for c in cases}
+    for _ in range(rounds):
+        for name, on in cases:
+            with direct_launches(on):
+                times[(name, on)].append(time_fb(runs[name], z, steps, warmup=3))
+    med = {c: sorted(t)[len(t) // 2] for c, t in times.items()}
+    eager = med[("shl eager", True)]
+    print(f"\ndirect launches A/B, B={B} C={C} m={m} fp32, ms per forward+backward "
+          f"(median of {rounds} interleaved rounds of {steps} synced steps)")
+    for name in ("shl triton", "bce triton"):
+        on, off = med[(name, True)], med[(name, False)]
+        print(f"  {name}: direct {on:.3f}, Triton's launch path {off:.3f} "
+              f"({off / on:.2f}x); shl eager {eager:.3f} = {eager / on:.2f}x / {eager / off:.2f}x")
 
 
 def python_profile(step, sync, top: int, n: int = 200) -> None:

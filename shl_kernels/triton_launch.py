@@ -14,8 +14,10 @@ a config once per key and then launches through a `DirectLaunch`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Hashable, Sequence
+import weakref
+from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 from triton import knobs
@@ -44,8 +46,10 @@ class DirectLaunch:
     def __init__(self, fn) -> None:
         self.fn = fn
         # The interpreter's InterpretedFunction compiles nothing: it always goes through fn.
-        self.native = DIRECT and hasattr(fn, "device_caches") and hasattr(fn, "params")
-        if self.native:
+        self.capable = hasattr(fn, "device_caches") and hasattr(fn, "params")
+        self.native = DIRECT and self.capable
+        _ALL.add(self)
+        if self.capable:
             # per parameter: None for a constexpr (its value keys), else the flags
             # native_specialize_impl takes after the argument, as JITFunction's binder passes
             self.spec_flags = [None if p.is_constexpr else
@@ -88,6 +92,23 @@ class DirectLaunch:
         tail = tuple(kwargs.get(name, default)
                      for name, default in zip(self.names[n_args:], self.defaults[n_args:]))
         return kernel.run, kernel.function, kernel.packed_metadata, tail
+
+
+_ALL: weakref.WeakSet[DirectLaunch] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def direct_launches(on: bool) -> Iterator[None]:
+    """Turns the direct launches of every DirectLaunch on or off within the block (A/B
+    measurements of one process: benchmarks/profile_step.py --direct-ab)."""
+    saved = {d: d.native for d in _ALL}
+    for d in saved:
+        d.native = on and d.capable
+    try:
+        yield
+    finally:
+        for d, native in saved.items():
+            d.native = native
 
 
 def _idle(hook) -> bool:

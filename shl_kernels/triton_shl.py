@@ -299,6 +299,23 @@ _launch, _launch_inplace = TunedLaunch(_tuned), TunedLaunch(_tuned_inplace)
 _launch_fixed = DirectLaunch(_shl_kernel)  # BLOCK given (tests, tuning)
 
 _INTERPRET_BLOCK = 32  # the interpreter cannot autotune; small so tests reach the loop path
+# Whether the kernels above were made for the interpreter (TRITON_INTERPRET=1 when they were
+# decorated): read once, the knob reads the environment on every access.
+_INTERPRET = bool(knobs.runtime.interpret)
+
+
+@functools.lru_cache(maxsize=64)
+def _fp32_halves(x: float) -> tuple[float, float]:
+    """x as hi + lo, two fp32 values (the kernels scale in fp32 with an fp64-exact sum)."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(x - hi))
+
+
+@functools.cache
+def _staged_module():
+    from . import triton_staged  # (it imports this module's segment code: not at the top)
+
+    return triton_staged
 
 
 @functools.cache
@@ -392,7 +409,7 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     if z.dim() != 2:
         raise ValueError(f"z: expected [B, C], got shape {tuple(z.shape)}")
     dev = z.device
-    if dev.type != "cuda" and not knobs.runtime.interpret:
+    if dev.type != "cuda" and not _INTERPRET:
         raise ValueError(f"z: the triton backend needs CUDA tensors, got {dev} "
                          "(or set TRITON_INTERPRET=1 before importing triton to emulate)")
     B, C = z.shape
@@ -422,30 +439,27 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
         raise ValueError("grad_out: in place it must be z itself, and z contiguous")
     z = z.contiguous()
     need_geta = bool(need_grad_eta) and eta is not None
-    geta = torch.empty((B, m), dtype=acc, device=dev) if need_geta else None
     if B == 0 or C == 0:
         grad.zero_()
-        if geta is not None:
-            geta.zero_()
+        geta = torch.zeros((B, m), dtype=acc, device=dev) if need_geta else None
         return _summed(torch.zeros(B, dtype=acc, device=dev), grad, geta, reduce)
     if m == 0:
         raise ValueError(f"offsets: no segments for {C} labels")
 
-    hi = float(np.float32(grad_scale))
-    lo = float(np.float32(grad_scale - hi))
+    hi, lo = _fp32_halves(grad_scale)
     if staged is None:
         staged = STAGED
     if order is not None and staged is not False:
-        from . import triton_staged  # (it imports this module's segment code)
-
+        triton_staged = _staged_module()
         how = triton_staged.plan(C, z.element_size())
         if how is not None and (staged or _staged_wins(B, C, z.element_size(), how[1],
                                                        _num_sms(dev))):
             part = torch.empty(B, dtype=acc, device=dev)
+            geta = torch.empty((B, m), dtype=acc, device=dev) if need_geta else None
             with on_device(dev):
                 triton_staged.launch_staged(
                     z, pos, ign, order, offsets, w, eta, delta, grad, geta, part, (hi, lo),
-                    how, _num_sms(dev), aliased, knobs.runtime.interpret)
+                    how, _num_sms(dev), aliased, _INTERPRET)
             return _summed(part, grad, geta, reduce)
 
     win = _default_window(B, C, m, dev) if window is None else window
@@ -453,12 +467,24 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
     n_items = m if seg_mode else -(-C // win)
     if B * n_items >= 2**31:
         raise ValueError(f"window: {B} x {n_items} programs exceed the grid; use a larger window")
-    part = torch.empty((B, n_items), dtype=acc, device=dev)
     counter = (_launch_counter(dev)
                if reduce and B * max(n_items, m if need_geta else 0) <= REDUCE_MAX else None)
     on_chip = counter is not None
-    loss = torch.empty((), dtype=acc, device=dev) if on_chip else None
-    geta_sum = torch.empty(m, dtype=acc, device=dev) if on_chip and need_geta else None
+    loss = geta_sum = None
+    if on_chip:
+        # The partial losses, the geta rows (the kernel's scratch) and geta's sum in one
+        # allocation: this is the launch-bound small-batch path, where an allocation costs a
+        # GPU step several microseconds and a view about one. The loss has its own (an
+        # output that is a view could not be modified in place by the caller).
+        loss = torch.empty((), dtype=acc, device=dev)
+        # (pieces start at multiples of 16 bytes: Triton specializes on pointer alignment)
+        at_geta, at_sum = _align4(B * n_items), _align4(B * n_items) + _align4(B * m)
+        part = torch.empty(at_sum + m if need_geta else B * n_items, dtype=acc, device=dev)
+        geta = part[at_geta:] if need_geta else None
+        geta_sum = part[at_sum:] if need_geta else None
+    else:
+        part = torch.empty((B, n_items), dtype=acc, device=dev)
+        geta = torch.empty((B, m), dtype=acc, device=dev) if need_geta else None
     args = (z, pos, ign, order, offsets, w, eta, delta, grad, part, geta, hi, lo, C, m, n_items,
             max(win, 0), (m + 1).bit_length(), (C // max(m, 1)).bit_length(),
             max(win, 0).bit_length(), (B * n_items).bit_length(), loss, geta_sum, counter, B)
@@ -466,7 +492,7 @@ def shl_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | Non
              "HAS_ETA": eta is not None, "HAS_DELTA": delta is not None, "NEED_GETA": need_geta,
              "SEG_MODE": seg_mode, "REDUCE": on_chip}
     grid = (B * n_items,)
-    if block is None and knobs.runtime.interpret:
+    if block is None and _INTERPRET:
         block = _INTERPRET_BLOCK
     # Triton launches on the current device: make it z's (multi-GPU).
     with on_device(dev):
@@ -487,6 +513,10 @@ shl_fused_triton.reduces = True  # accepts reduce=True (see fused.FusedSHL)
 # rows of at most this many values: one program adds them up at the end of the launch, which
 # costs less than a torch op's launch only while they are few (launch-bound small batches).
 REDUCE_MAX = 1 << 15
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
 
 
 def _summed(part: torch.Tensor, grad: torch.Tensor, geta: torch.Tensor | None, reduce: bool):

@@ -231,3 +231,20 @@ def test_direct_launch_leaves_hooks_and_interpreter_to_triton(direct, monkeypatc
     # the interpreter's kernels (no device caches) always go through Triton
     interpreted = DirectLaunch(triton.jit(_probe)) if knobs.runtime.interpret else None
     assert interpreted is None or not interpreted.native
+
+
+def test_direct_launches_switch_for_every_instance(direct):
+    """triton_launch.direct_launches(on): the A/B switch of benchmarks/profile_step.py."""
+    fn, launch = direct
+    interpreted = DirectLaunch(object())  # no device caches: never direct
+    args = (_tensor(), _tensor(torch.uint8), 17, 4, 0.5, True)
+    with triton_launch.direct_launches(False):
+        assert not launch.native and not interpreted.native
+        for _ in range(2):
+            launch((1,), args, {"BLOCK": 64}, DEV)
+    assert launch.native and not interpreted.native
+    with triton_launch.direct_launches(True):
+        assert not interpreted.native
+        for _ in range(2):
+            launch((1,), args, {"BLOCK": 64}, DEV)
+    assert (len(fn.calls), len(fn.launches)) == (3, 1)
