@@ -61,6 +61,20 @@ struct DevStorage<DType::kBF16> {
   using type = __nv_bfloat16;
 };
 
+// The sum of every thread's v over a block of N threads (N a power of two) in a fixed order
+// (deterministic): a tree over the shared array part [N]. Every thread of the block calls it;
+// every thread gets the sum.
+template <int N, class A>
+__device__ __forceinline__ A block_sum_fixed(A v, A* part) {
+  part[threadIdx.x] = v;
+  __syncthreads();
+  for (int half = N / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+    __syncthreads();
+  }
+  return part[0];
+}
+
 // Runs launch() (returning a cudaError_t) with the device holding the outputs current (the
 // caller's current device may differ: torch tracks its own), then restores the current
 // device. `device` is that device when the caller knows it (the bindings read it from

@@ -38,6 +38,8 @@ struct ElemArgs {
   ElemParams p;
   double grad_scale = 1.0;              // multiplies grad (1/(B*C) for "mean")
   void* loss_rows = nullptr;            // out [B] acc: per-row sum of the losses; null = skip
+  void* loss_total = nullptr;           // out 0-dim acc: grad_scale * the sum of the row
+                                        // losses, rows in order (needs loss_rows); null = skip
   void* loss_el = nullptr;              // out [B, C] z dtype: the losses; null = skip
   void* grad = nullptr;                 // out [B, C] z dtype: grad_scale * dl/dz; null = skip
   int num_threads = 0;                  // CPU: OpenMP threads (0 = runtime default)

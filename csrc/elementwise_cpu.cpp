@@ -32,6 +32,7 @@ double log1p(double) SHL_SIMD_MATH;
 
 #include "dtype.h"
 #include "elementwise.h"
+#include "row_sums.h"
 
 // With AVX-512, 512-bit vectors for the loops below (GCC's default for -march=native is 256):
 // the math calls (libmvec's 16-lane variants) and selects halve in number. ~1.5x on a Xeon
@@ -145,6 +146,7 @@ const char* elementwise_fused_cpu(const ElemArgs& a) {
   if (a.kind != ElemKind::kBCE && a.kind != ElemKind::kFocal && a.kind != ElemKind::kASL)
     return "elementwise_fused_cpu: unknown loss kind";
   if (!a.loss_rows && !a.loss_el) return "elementwise_fused_cpu: no loss output";
+  if (a.loss_total && !a.loss_rows) return "elementwise_fused_cpu: loss_total needs loss_rows";
   if (a.B * a.C > 0 && (!a.z || !a.pos)) return "elementwise_fused_cpu: z and pos are required";
   switch (a.z_type) {
     case DType::kF32: run_kind<DType::kF32>(a); break;
@@ -152,6 +154,14 @@ const char* elementwise_fused_cpu(const ElemArgs& a) {
     case DType::kF16: run_kind<DType::kF16>(a); break;
     case DType::kBF16: run_kind<DType::kBF16>(a); break;
     default: return "elementwise_fused_cpu: unsupported logits dtype";
+  }
+  if (a.loss_total) {
+    if (a.z_type == DType::kF64)
+      sum_in_order(static_cast<const double*>(a.loss_rows), a.B, a.grad_scale,
+                   static_cast<double*>(a.loss_total));
+    else
+      sum_in_order(static_cast<const float*>(a.loss_rows), a.B, a.grad_scale,
+                   static_cast<float*>(a.loss_total));
   }
   return nullptr;
 }

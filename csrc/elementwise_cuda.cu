@@ -1,6 +1,6 @@
 // CUDA fused elementwise losses (see elementwise.h). A warp per row when rows are short, a
 // block per row when they are long; both grid-stride over rows and reduce each row in a fixed
-// order, so the row losses are deterministic.
+// order, so the row losses are deterministic; a second launch sums them when asked.
 #include <cuda_runtime.h>
 
 #include "cuda_common.cuh"
@@ -70,6 +70,18 @@ __global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a, ElemCoe
   }
 }
 
+// ElemArgs::loss_total: one block sums the row losses (each thread its rows in order, then a
+// fixed tree: deterministic) times grad_scale.
+template <class A>
+__global__ void __launch_bounds__(kBlock) total_kernel(const A* __restrict__ rows, int64_t B,
+                                                       A scale, A* __restrict__ total) {
+  __shared__ A part[kBlock];
+  A s = A(0);
+  for (int64_t b = threadIdx.x; b < B; b += kBlock) s += rows[b];
+  s = block_sum_fixed<kBlock>(s, part);
+  if (threadIdx.x == 0) *total = s * scale;
+}
+
 template <DType ZT, ElemKind K>
 cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
   int dev = 0;
@@ -86,6 +98,11 @@ cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
     launch_kernel(elementwise_kernel<ZT, K, kBlock>, grid, kBlock, 0, stream, a, c);
   else
     launch_kernel(elementwise_kernel<ZT, K, 32>, grid, kBlock, 0, stream, a, c);
+  if (a.loss_total) {
+    using A = AccOf<ZT>;
+    launch_kernel(total_kernel<A>, 1, kBlock, 0, stream, static_cast<const A*>(a.loss_rows),
+                  a.B, A(a.grad_scale), static_cast<A*>(a.loss_total));
+  }
   return cudaGetLastError();
 }
 
@@ -104,6 +121,7 @@ cudaError_t launch_kind(const ElemArgs& a, cudaStream_t stream) {
 const char* elementwise_fused_cuda(const ElemArgs& a, void* stream) {
   if (a.B < 0 || a.C < 0) return "elementwise_fused_cuda: negative B or C";
   if (!a.loss_rows && !a.loss_el) return "elementwise_fused_cuda: no loss output";
+  if (a.loss_total && !a.loss_rows) return "elementwise_fused_cuda: loss_total needs loss_rows";
   if (a.B == 0) return nullptr;  // nothing to write; a zero-block launch would be an error
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   return on_device_of(a.device, a.z, "z: not in CUDA device memory", [&]() -> cudaError_t {

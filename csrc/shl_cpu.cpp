@@ -26,6 +26,7 @@
 #include <omp.h>
 #endif
 
+#include "row_sums.h"
 #include "shl_args.h"
 
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
@@ -422,12 +423,8 @@ const OrderIndex* order_index(const int64_t* order, int64_t C) {
 // (deterministic), accumulated in double (fp32 rows: more accurate than an fp32 sum).
 template <class A>
 void sum_rows(const ShlArgs& a) {
-  if (a.loss_total) {
-    const A* loss = static_cast<const A*>(a.loss);
-    double t = 0;
-    for (int64_t i = 0; i < a.B; ++i) t += loss[i];
-    *static_cast<A*>(a.loss_total) = static_cast<A>(t);
-  }
+  if (a.loss_total)
+    sum_in_order(static_cast<const A*>(a.loss), a.B, 1.0, static_cast<A*>(a.loss_total));
   if (a.grad_eta_total) {
     const A* g = static_cast<const A*>(a.grad_eta);
     std::vector<double> t(static_cast<size_t>(a.m), 0.0);

@@ -449,13 +449,8 @@ __global__ void __launch_bounds__(kReduceThreads) shl_row_sums_kernel(
   A s = 0;
   for (int64_t b = threadIdx.x; b < B; b += kReduceThreads)
     s += is_loss ? loss[b] : grad_eta[b * m + j];
-  part[threadIdx.x] = s;
-  __syncthreads();
-  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *(is_loss ? loss_total : grad_eta_total + j) = part[0];
+  s = block_sum_fixed<kReduceThreads>(s, part);
+  if (threadIdx.x == 0) *(is_loss ? loss_total : grad_eta_total + j) = s;
 }
 
 template <DType D>

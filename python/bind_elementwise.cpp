@@ -17,9 +17,9 @@ namespace {
 ElemArgs make_args(const py::object& z_, const py::object& pos_, const py::object& ign_,
                    const py::object& weight_, const py::object& pos_weight_,
                    const py::object& loss_rows_, const py::object& loss_el_,
-                   const py::object& grad_, int kind, double alpha, double gamma, double gamma_pos,
-                   double gamma_neg, double clip, double eps, bool detach, double grad_scale,
-                   bool cuda) {
+                   const py::object& grad_, const py::object& loss_total_, int kind,
+                   double alpha, double gamma, double gamma_pos, double gamma_neg, double clip,
+                   double eps, bool detach, double grad_scale, bool cuda) {
   TensorView z = view(z_, "z");
   if (z.shape.size() != 2) throw py::value_error("z: expected a 2-D tensor [B, C]");
   check_dtype(z, {DType::kF32, DType::kF64, DType::kF16, DType::kBF16},
@@ -53,6 +53,9 @@ ElemArgs make_args(const py::object& z_, const py::object& pos_, const py::objec
   TensorView rows = vec(loss_rows_, "loss_rows", {B}, acc, acc_name);
   TensorView lel = vec(loss_el_, "loss_el", {B, C}, zd, "the logits' dtype");
   TensorView g = vec(grad_, "grad", {B, C}, zd, "the logits' dtype");
+  TensorView total = vec(loss_total_, "loss_total", {}, acc, acc_name);
+  if (present(total) && !present(rows))
+    throw py::value_error("loss_total: given without loss_rows (it sums the row losses)");
   if (!present(rows) && !present(lel))
     throw py::value_error("loss_rows: one of loss_rows / loss_el is required");
   if (kind < 0 || kind > 2) throw py::value_error("kind: expected 0 (bce), 1 (focal) or 2 (asl)");
@@ -77,6 +80,7 @@ ElemArgs make_args(const py::object& z_, const py::object& pos_, const py::objec
   a.p.detach = detach;
   a.grad_scale = grad_scale;
   a.loss_rows = rows.data;
+  a.loss_total = total.data;
   a.loss_el = lel.data;
   a.grad = g.data;
   return a;
@@ -88,17 +92,18 @@ void register_elementwise(py::module_& m) {
   const char* doc =
       "Fused elementwise loss and gradient. z [B, C]; pos/ign uint8 [B, C]; weight/pos_weight "
       "[C] acc dtype (float64 for float64 z, else float32); outputs (written, never read): "
-      "loss_rows [B] acc, loss_el [B, C] and grad [B, C] (z dtype, times grad_scale). "
+      "loss_rows [B] acc, loss_el [B, C] and grad [B, C] (z dtype, times grad_scale), "
+      "loss_total 0-dim acc (grad_scale times the sum of the row losses; needs loss_rows). "
       "kind: 0 bce, 1 focal, 2 asl.";
   m.def(
       "elementwise_fused_cpu",
       [](py::object z, py::object pos, py::object ign, py::object weight, py::object pos_weight,
          py::object loss_rows, py::object loss_el, py::object grad, int kind, double alpha,
          double gamma, double gamma_pos, double gamma_neg, double clip, double eps, bool detach,
-         double grad_scale, int num_threads) {
-        ElemArgs a = make_args(z, pos, ign, weight, pos_weight, loss_rows, loss_el, grad, kind,
-                               alpha, gamma, gamma_pos, gamma_neg, clip, eps, detach, grad_scale,
-                               false);
+         double grad_scale, int num_threads, py::object loss_total) {
+        ElemArgs a = make_args(z, pos, ign, weight, pos_weight, loss_rows, loss_el, grad,
+                               loss_total, kind, alpha, gamma, gamma_pos, gamma_neg, clip, eps,
+                               detach, grad_scale, false);
         a.num_threads = num_threads;
         const char* err;
         {
@@ -111,17 +116,17 @@ void register_elementwise(py::module_& m) {
       py::arg("pos_weight"), py::arg("loss_rows"), py::arg("loss_el"), py::arg("grad"),
       py::kw_only(), py::arg("kind"), py::arg("alpha"), py::arg("gamma"), py::arg("gamma_pos"),
       py::arg("gamma_neg"), py::arg("clip"), py::arg("eps"), py::arg("detach"),
-      py::arg("grad_scale"), py::arg("num_threads") = 0);
+      py::arg("grad_scale"), py::arg("num_threads") = 0, py::arg("loss_total") = py::none());
 #ifdef SHL_WITH_CUDA
   m.def(
       "elementwise_fused_cuda",
       [](py::object z, py::object pos, py::object ign, py::object weight, py::object pos_weight,
          py::object loss_rows, py::object loss_el, py::object grad, int kind, double alpha,
          double gamma, double gamma_pos, double gamma_neg, double clip, double eps, bool detach,
-         double grad_scale, uintptr_t stream) {
-        ElemArgs a = make_args(z, pos, ign, weight, pos_weight, loss_rows, loss_el, grad, kind,
-                               alpha, gamma, gamma_pos, gamma_neg, clip, eps, detach, grad_scale,
-                               true);
+         double grad_scale, uintptr_t stream, py::object loss_total) {
+        ElemArgs a = make_args(z, pos, ign, weight, pos_weight, loss_rows, loss_el, grad,
+                               loss_total, kind, alpha, gamma, gamma_pos, gamma_neg, clip, eps,
+                               detach, grad_scale, true);
         const char* err = elementwise_fused_cuda(a, reinterpret_cast<void*>(stream));
         if (err) throw std::runtime_error(err);
       },
@@ -129,7 +134,7 @@ void register_elementwise(py::module_& m) {
       py::arg("pos_weight"), py::arg("loss_rows"), py::arg("loss_el"), py::arg("grad"),
       py::kw_only(), py::arg("kind"), py::arg("alpha"), py::arg("gamma"), py::arg("gamma_pos"),
       py::arg("gamma_neg"), py::arg("clip"), py::arg("eps"), py::arg("detach"),
-      py::arg("grad_scale"), py::arg("stream") = 0);
+      py::arg("grad_scale"), py::arg("stream") = 0, py::arg("loss_total") = py::none());
 #endif
 }
 

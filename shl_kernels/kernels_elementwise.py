@@ -38,47 +38,52 @@ class ElementwiseKernel(Protocol):
     def __call__(self, z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                  weight: torch.Tensor | None, pos_weight: torch.Tensor | None, spec: ElemSpec,
                  grad_scale: float, *, loss_rows: torch.Tensor | None = None,
-                 loss_el: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> None:
+                 loss_el: torch.Tensor | None = None, grad: torch.Tensor | None = None,
+                 loss_total: torch.Tensor | None = None) -> None:
         """z [B, C] fp32/fp64/fp16/bf16; pos/ign uint8 [B, C]; weight/pos_weight [C] in the
         accumulation dtype (fp64 for fp64 z, else fp32) or None; all on z's device, contiguous.
         Writes every element of the outputs given: loss_rows [B] (acc dtype, per-row sums),
-        loss_el [B, C] and grad [B, C] (z dtype, grad times grad_scale)."""
+        loss_el [B, C] and grad [B, C] (z dtype, grad times grad_scale), loss_total (0-dim,
+        acc dtype: grad_scale times the sum of the row losses, summed in the same call; B >= 1
+        and loss_rows given, which then may serve as scratch: its values are unspecified)."""
         ...
 
 
-def _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows, loss_el, grad):
+def _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows, loss_el, grad,
+                 loss_total):
     kind, alpha, gamma, gamma_pos, gamma_neg, clip, eps, detach = astuple(spec)
-    return ((capsule(z), capsule(pos), capsule(ign), capsule(weight), capsule(pos_weight), capsule(loss_rows),
-             capsule(loss_el), capsule(grad)),
+    return ((capsule(z), capsule(pos), capsule(ign), capsule(weight), capsule(pos_weight),
+             capsule(loss_rows), capsule(loss_el), capsule(grad)),
             {"kind": kind, "alpha": alpha, "gamma": gamma, "gamma_pos": gamma_pos,
              "gamma_neg": gamma_neg, "clip": clip, "eps": eps, "detach": detach,
-             "grad_scale": float(grad_scale)})
+             "grad_scale": float(grad_scale), "loss_total": capsule(loss_total)})
 
 
 def elementwise_cpu(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_rows=None,
-                    loss_el=None, grad=None) -> None:
+                    loss_el=None, grad=None, loss_total=None) -> None:
     """csrc/elementwise_cpu.cpp as an `ElementwiseKernel`."""
     caps, kw = _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows,
-                            loss_el, grad)
+                            loss_el, grad, loss_total)
     native().elementwise_fused_cpu(*caps, **kw, num_threads=torch.get_num_threads())
 
 
 def elementwise_cuda(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_rows=None,
-                     loss_el=None, grad=None) -> None:
+                     loss_el=None, grad=None, loss_total=None) -> None:
     """csrc/elementwise_cuda.cu as an `ElementwiseKernel` (on z's device and current stream)."""
     caps, kw = _native_args(z, pos, ign, weight, pos_weight, spec, grad_scale, loss_rows,
-                            loss_el, grad)
+                            loss_el, grad, loss_total)
     stream = stream_handle(z.device)
     native().elementwise_fused_cuda(*caps, **kw, stream=stream)
 
 
 def elementwise_triton(z, pos, ign, weight, pos_weight, spec, grad_scale, *, loss_rows=None,
-                       loss_el=None, grad=None) -> None:
+                       loss_el=None, grad=None, loss_total=None) -> None:
     """shl_kernels/triton_elementwise.py as an `ElementwiseKernel` (imported on first use)."""
     from .triton_elementwise import elementwise_fused_triton
 
     elementwise_fused_triton(z, pos, ign, weight, pos_weight, spec, grad_scale,
-                             loss_rows=loss_rows, loss_el=loss_el, grad=grad)
+                             loss_rows=loss_rows, loss_el=loss_el, grad=grad,
+                             loss_total=loss_total)
 
 
 _KERNELS = {"cpu": elementwise_cpu, "cuda": elementwise_cuda, "triton": elementwise_triton}
@@ -121,14 +126,19 @@ class FusedElementwise(torch.autograd.Function):
             if reduction == "none":
                 out = torch.empty_like(z)
                 kernel(z, pos, ign, weight, pos_weight, spec, 1.0, loss_el=out, grad=grad)
-            else:
-                out = torch.empty(B, dtype=acc, device=z.device)
-                kernel(z, pos, ign, weight, pos_weight, spec, scale, loss_rows=out, grad=grad)
-            return out, grad
+                return out, grad
+            rows = torch.empty(B, dtype=acc, device=z.device)
+            # The kernel sums the rows too (no torch op after it: a launch each on a GPU,
+            # where a small batch's step is launch-bound); an empty batch sums to 0 here.
+            total = torch.empty((), dtype=acc, device=z.device) if B else \
+                torch.zeros((), dtype=acc, device=z.device)
+            kernel(z, pos, ign, weight, pos_weight, spec, scale, loss_rows=rows, grad=grad,
+                   loss_total=total if B else None)
+            return total, grad
 
         out, grad = run(z, pos, ign, need_grad)
-        if reduction != "none":
-            out = (out.sum(dtype=acc) * scale).to(z.dtype)
+        if out.dtype != z.dtype:  # (the loss in the logits' dtype, as torch's losses)
+            out = out.to(z.dtype)
         ctx.grad_buffer, ctx.reduction = grad, reduction  # see fused.take_grad
         ctx.recompute = Recompute(lambda *t: run(*t)[1], z, pos, ign)
         return out

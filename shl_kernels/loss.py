@@ -5,7 +5,7 @@ import torch
 
 from .backends import available_backends, fused_kernel, resolve
 from .fused import FusedSHL
-from .masks import float_mask, not_binary
+from .masks import csr_mask, float_mask, not_binary
 from .reference import harmonic_weights, shl_loss_reference
 from .segmentation import Segmentation
 
@@ -27,6 +27,25 @@ def _csr_to_dense(t: tuple, B: int, C: int, name: str, device: torch.device) -> 
                              "move it with .to(logits.device)")
     if indptr.numel() != B + 1:
         raise ValueError(f"{name}: CSR indptr must have B+1={B + 1} entries, got {indptr.numel()}")
+    native = csr_mask(indptr, indices, B, C)
+    if native is not None:
+        out, (bad, lo, hi, dup) = native
+    else:
+        out, (bad, lo, hi, dup) = _csr_to_dense_torch(indptr, indices, B, C, device)
+    nnz = indices.numel()
+    if bad:
+        raise ValueError(f"{name}: CSR indptr must start at 0, not decrease and end at "
+                         f"len(indices)={nnz}")
+    if nnz and (lo < 0 or hi >= C):
+        raise ValueError(f"{name}: label ids must be in [0, {C}), got [{lo}, {hi}]")
+    if dup:
+        raise ValueError(f"{name}: duplicate label ids in a row")
+    return out
+
+
+def _csr_to_dense_torch(indptr: torch.Tensor, indices: torch.Tensor, B: int, C: int,
+                        device: torch.device):
+    """csr_mask with torch ops (no extension for the device, or B == 0)."""
     nnz = indices.numel()
     ptr, idx = indptr.long(), indices.long()
     # Each entry's flat position in [B, C] (its row from indptr: meaningful once indptr
@@ -41,16 +60,11 @@ def _csr_to_dense(t: tuple, B: int, C: int, name: str, device: torch.device) -> 
     first, last, dec, lo, hi, dup = torch.stack([
         ptr[0], ptr[-1], (ptr.diff() < 0).any().long(), *lo_hi,
         (srt[1:] == srt[:-1]).any().long()]).tolist()
-    if (B and first != 0) or dec or last != nnz:
-        raise ValueError(f"{name}: CSR indptr must start at 0, not decrease and end at "
-                         f"len(indices)={nnz}")
-    if nnz and (lo < 0 or hi >= C):
-        raise ValueError(f"{name}: label ids must be in [0, {C}), got [{lo}, {hi}]")
-    if dup:
-        raise ValueError(f"{name}: duplicate label ids in a row")
+    bad = (B and first != 0) or dec or last != nnz
     out = torch.zeros(B * C, dtype=torch.uint8, device=device)
-    out.index_fill_(0, flat, 1)
-    return out.view(B, C)
+    if not bad and not (nnz and (lo < 0 or hi >= C)):
+        out.index_fill_(0, flat, 1)
+    return out.view(B, C), (bad, lo, hi, dup)
 
 
 def _status(t, B: int, C: int, name: str, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Dense 0/1 targets and ignore masks of a floating dtype to the uint8 masks the kernels read,
-in one pass that also checks for other values: the extension's (csrc/targets*: OpenMP C++,
-CUDA) or, on GPUs without its CUDA build, Triton's (triton_masks.py). With torch ops the
-conversion and its check took five passes over the batch, more than the fused loss itself
-(CPU, 512 x 8192 fp32: 6.1 ms against 3.5 ms for the loss and its gradient)."""
+"""Targets and ignore masks to the uint8 masks the kernels read, in one native pass that also
+checks them. Dense 0/1 tensors of a floating dtype: the extension's conversion (csrc/targets*:
+OpenMP C++, CUDA) or, on GPUs without its CUDA build, Triton's (triton_masks.py); with torch
+ops the conversion and its check took five passes over the batch, more than the fused loss
+itself (CPU, 512 x 8192 fp32: 6.1 ms against 3.5 ms for the loss and its gradient). CSR pairs
+(indptr, indices): the extension's (`csr_mask`), where torch took ~20 small ops."""
 from __future__ import annotations
 
 import functools
@@ -61,6 +62,43 @@ def float_mask(t: torch.Tensor, name: str) -> torch.Tensor | None:
     if convert(t, out):
         raise not_binary(name)
     return out
+
+
+# convert(indptr, indices, out) -> (indptr malformed, smallest id, largest id, duplicate)
+CsrConverter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+
+
+@functools.cache
+def _csr_converter(device_type: str) -> CsrConverter | None:
+    ext = native()
+    fn = None if ext is None else getattr(ext, f"csr_to_mask_{device_type}", None)
+    if fn is not None and device_type == "cpu":
+        return lambda p, i, out: fn(capsule(p), capsule(i), capsule(out),
+                                    torch.get_num_threads())
+    if fn is not None and _cuda_kernels_run():
+        def cuda(p, i, out):
+            check = torch.empty(4, dtype=torch.int64, device=out.device)
+            fn(capsule(p), capsule(i), capsule(out), capsule(check), stream_handle(out.device))
+            bad, lo, hi, dup = check.tolist()  # one host read
+            return bool(bad), lo, hi, bool(dup)
+        return cuda
+    return None
+
+
+# A native call: behind a graph break under torch.compile (see float_mask).
+@torch.compiler.disable
+def csr_mask(indptr: torch.Tensor, indices: torch.Tensor, B: int, C: int):
+    """(uint8 [B, C] mask, (indptr malformed, smallest id or None, largest id or None, an id
+    twice in a row)) of a CSR pair of 1-D int32/int64 tensors on one device, indptr of B+1
+    entries, in one native pass; None where the extension has no conversion for the device
+    or B is 0 (the caller uses torch ops). The mask is complete only when the checks pass."""
+    convert = _csr_converter(indptr.device.type) if B > 0 else None
+    if convert is None:
+        return None
+    out = torch.empty((B, C), dtype=torch.uint8, device=indptr.device)
+    bad, lo, hi, dup = convert(indptr.contiguous(), indices.contiguous(), out)
+    empty = indices.numel() == 0
+    return out, (bad, None if empty else lo, None if empty else hi, dup)
 
 
 def not_binary(name: str) -> ValueError:

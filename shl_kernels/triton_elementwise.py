@@ -16,6 +16,7 @@ import triton.language as tl
 from .fused import on_device
 from .kernels_elementwise import ElemSpec
 from .triton_launch import DirectLaunch
+from .triton_shl import REDUCE_MAX, _launch_counter, _reduce_last
 
 _MAX_TILE = 4096
 _MAX_BLOCK_C = 1024
@@ -38,12 +39,14 @@ def _pow_pos(x, g):
 
 @triton.jit
 def _elementwise_kernel(z_ptr, pos_ptr, ign_ptr, w_ptr, pw_ptr, par_ptr, part_ptr, lel_ptr,
-                        grad_ptr, B, C, n_cblocks,
+                        grad_ptr, B, C, n_cblocks, total_ptr, count_ptr,
                         KIND: tl.constexpr, DETACH: tl.constexpr, CLIP: tl.constexpr,
                         HAS_IGN: tl.constexpr,
                         HAS_W: tl.constexpr, HAS_PW: tl.constexpr, WRITE_ROWS: tl.constexpr,
                         WRITE_EL: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+                        REDUCE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    # REDUCE: the last program also sums the [B, n_cblocks] partial row sums into total_ptr
+    # times grad_scale (triton_shl._reduce_last; count_ptr its ticket counter).
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -142,6 +145,10 @@ def _elementwise_kernel(z_ptr, pos_ptr, ign_ptr, w_ptr, pw_ptr, par_ptr, part_pt
     if WRITE_ROWS:
         tl.store(part_ptr + rows.to(tl.int64) * n_cblocks + pid_c, tl.sum(loss, axis=1),
                  mask=rmask)
+    if REDUCE:
+        _reduce_last(part_ptr, part_ptr, total_ptr, total_ptr, count_ptr,
+                     tl.num_programs(0) * tl.num_programs(1), B * n_cblocks, B, 0, ACC, False,
+                     128, grad_scale)
 
 
 _launch = DirectLaunch(_elementwise_kernel)
@@ -162,9 +169,14 @@ def elementwise_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tens
                              spec: ElemSpec, grad_scale: float, *,
                              loss_rows: torch.Tensor | None = None,
                              loss_el: torch.Tensor | None = None,
-                             grad: torch.Tensor | None = None) -> None:
-    """`ElementwiseKernel` (kernels_elementwise.py) in Triton."""
+                             grad: torch.Tensor | None = None,
+                             loss_total: torch.Tensor | None = None) -> None:
+    """`ElementwiseKernel` (kernels_elementwise.py) in Triton. loss_total: summed in the same
+    launch where the grid is small (launch-bound batches; loss_rows is then left unwritten),
+    else with torch."""
     B, C = z.shape
+    if loss_total is not None and loss_rows is None:
+        raise ValueError("loss_total: given without loss_rows (it sums the row losses)")
     if B == 0:
         return
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -174,17 +186,24 @@ def elementwise_fused_triton(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tens
     part = torch.empty(B, n_cb, dtype=acc, device=z.device) if loss_rows is not None else None
     par = _params(spec, float(grad_scale), acc, z.device)
     grid = (triton.cdiv(B, block_b), n_cb)
+    counter = (_launch_counter(z.device)
+               if loss_total is not None and B * n_cb <= REDUCE_MAX else None)
     args = (z, pos, ign if ign is not None else pos, weight if weight is not None else par,
             pos_weight if pos_weight is not None else par, par,
             part if part is not None else par, loss_el if loss_el is not None else z,
-            grad if grad is not None else z, B, C, n_cb)
+            grad if grad is not None else z, B, C, n_cb,
+            loss_total if counter is not None else par, counter if counter is not None else par)
     flags = {"KIND": spec.kind, "DETACH": spec.detach, "CLIP": spec.clip > 0,
              "HAS_IGN": ign is not None, "HAS_W": weight is not None,
              "HAS_PW": pos_weight is not None, "WRITE_ROWS": loss_rows is not None,
              "WRITE_EL": loss_el is not None, "WRITE_GRAD": grad is not None,
              "ACC": tl.float64 if acc == torch.float64 else tl.float32,
-             "BLOCK_B": block_b, "BLOCK_C": block_c}
+             "REDUCE": counter is not None, "BLOCK_B": block_b, "BLOCK_C": block_c}
     with on_device(z.device):
         _launch(grid, args, flags, z.device)
+    if counter is not None:
+        return
     if loss_rows is not None:
         torch.sum(part, dim=1, out=loss_rows)
+    if loss_total is not None:
+        torch.mul(loss_rows.sum(), grad_scale, out=loss_total)

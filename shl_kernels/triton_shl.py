@@ -214,23 +214,25 @@ def _lower_bound(off_ptr, n, target, n_iter):
 
 
 @triton.jit
-def _reduce_last(part_ptr, geta_ptr, loss_ptr, geta_sum_ptr, count_ptr, n_parts, B, m,
-                 acc_ty: tl.constexpr, NEED_GETA: tl.constexpr, RBLOCK: tl.constexpr):
-    """The last program of the launch to get here sums the n_parts partial losses into
-    loss_ptr and the [B, m] geta rows over rows into geta_sum_ptr, in a fixed order
-    (deterministic), then puts the counter back to 0 for the next launch."""
+def _reduce_last(part_ptr, geta_ptr, loss_ptr, geta_sum_ptr, count_ptr, n_programs, n_parts,
+                 B, m, acc_ty: tl.constexpr, NEED_GETA: tl.constexpr, RBLOCK: tl.constexpr,
+                 loss_scale):
+    """The last of the launch's n_programs programs to get here sums the n_parts partial
+    losses into loss_ptr (times loss_scale) and the [B, m] geta rows over rows into
+    geta_sum_ptr, in a fixed order (deterministic), then puts the counter back to 0 for the
+    next launch."""
     # The barrier orders every thread's stores before the ticket's release (the lock
     # pattern of Triton's layer-norm backward tutorial); the last ticket's acquire then
     # sees every program's partial sums.
     tl.debug_barrier()
     ticket = tl.atomic_add(count_ptr, 1)
-    if ticket == n_parts - 1:
+    if ticket == n_programs - 1:
         lanes = tl.arange(0, RBLOCK)
         total = tl.zeros([RBLOCK], acc_ty)
         for i in range(0, n_parts, RBLOCK):
             total += tl.load(part_ptr + i + lanes, mask=i + lanes < n_parts, other=0.0,
                              cache_modifier=".cg")
-        tl.store(loss_ptr, tl.sum(total))
+        tl.store(loss_ptr, tl.sum(total) * loss_scale)
         if NEED_GETA:
             for j in range(0, m, RBLOCK):
                 inm = j + lanes < m
@@ -283,8 +285,8 @@ def _shl_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, off_ptr, w_ptr, eta_ptr, del
             tl.store(geta_ptr + row.to(tl.int64) * m + k, geta * scale)
     tl.store(part_ptr + pid, row_loss * scale)
     if REDUCE:
-        _reduce_last(part_ptr, geta_ptr, loss_ptr, geta_sum_ptr, count_ptr, B * n_items, B, m,
-                     acc_ty, NEED_GETA, BLOCK)
+        _reduce_last(part_ptr, geta_ptr, loss_ptr, geta_sum_ptr, count_ptr, B * n_items,
+                     B * n_items, B, m, acc_ty, NEED_GETA, BLOCK, 1.0)
 
 
 # At most 4 elements per thread: the loop path keeps five per-lane accumulators, and more

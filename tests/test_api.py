@@ -279,3 +279,11 @@ def test_fused_forward_is_one_kernel_and_at_most_one_reduction(backend, reductio
         loss()
     work = [op for op in seen.ops if not op.startswith(("empty", "view", "alias", "detach"))]
     assert len(work) <= (1 if reduction == "none" else 0), seen.ops
+    # the elementwise losses likewise (their fused kernels sum "mean" and "sum" too)
+    for fn in (shl.bce_loss, shl.focal_loss, shl.asymmetric_loss):
+        fn(z, t, reduction=reduction, backend=backend)
+        with Ops() as seen:
+            fn(z, t, reduction=reduction, backend=backend)
+        work = [op for op in seen.ops
+                if not op.startswith(("empty", "zeros", "view", "alias", "detach"))]
+        assert work == [], (fn.__name__, seen.ops)

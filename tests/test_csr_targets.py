@@ -1,6 +1,8 @@
 """CSR targets and ignore masks (SPEC section 1) to the kernels' dense uint8 masks:
-loss._csr_to_dense against a per-row oracle, every error it raises, and its cost (no
-reduction over the dense [B, C] mask, no host read but one)."""
+loss._csr_to_dense, through the extension's conversion (masks.csr_mask: csrc/targets_cpu.cpp
+here, csrc/targets_cuda.cu on GPUs and under the CUDA emulator) and through torch ops (devices
+without it), against a per-row oracle, every error it raises, and its cost (no reduction over
+the dense [B, C] mask, no host read but one)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +10,20 @@ import torch
 from test_api import Ops
 
 import shl_kernels as shl
+from shl_kernels import loss as loss_module
+from shl_kernels.backends import native
 from shl_kernels.loss import _status
+
+
+@pytest.fixture(params=["native", "torch"], autouse=True)
+def conversion(request, monkeypatch):
+    """Every test twice: the extension's conversion, and torch ops (as without it)."""
+    if request.param == "native":
+        if native() is None or not hasattr(native(), "csr_to_mask_cpu"):
+            pytest.skip("the extension has no CSR conversion")
+    else:
+        monkeypatch.setattr(loss_module, "csr_mask", lambda *a: None)
+    return request.param
 
 
 def random_csr(B, C, seed, dtype=torch.int64, max_per_row=6):
@@ -54,6 +69,9 @@ def test_no_entries_and_the_same_id_in_different_rows():
     ([0, 2, 3], [1, 1, 2], "duplicate label ids in a row"),
     ([0, 2, 4], [0, 3, 2, 2], "duplicate label ids in a row"),
     ([0, 2, 1], [9, 9], "CSR indptr must start at 0"),  # the indptr error comes first
+    ([0, 1, 2], [5, 5], r"label ids must be in \[0, 4\), got \[5, 5\]"),  # before duplicates
+    ([-1, 0, 2], [0, 1], "CSR indptr must start at 0"),
+    ([0, 3, 2], [0, 1], "CSR indptr must start at 0"),  # beyond the ids, then back
 ])
 def test_errors_name_the_argument(indptr, indices, match):
     with pytest.raises(ValueError, match=f"^ignore: {match}"):
@@ -80,3 +98,29 @@ def test_loss_with_csr_targets_and_ignore_equals_dense():
     for backend in [b for b in shl.available_backends() if b != "triton"]:
         want = shl.segmented_harmonic_loss(z, t.bool(), seg, backend=backend)
         assert torch.equal(shl.segmented_harmonic_loss(z, (tp, ti), seg, backend=backend), want)
+
+
+def test_native_binding_names_bad_arguments(conversion):
+    if conversion != "native":
+        pytest.skip("the binding itself")
+    from torch.utils.dlpack import to_dlpack
+
+    ext = native()
+
+    def call(indptr, indices, out):
+        return ext.csr_to_mask_cpu(*(to_dlpack(t) for t in (indptr, indices, out)))
+
+    ptr, ids = torch.tensor([0, 1, 3]), torch.tensor([2, 0, 1], dtype=torch.int32)
+    out = torch.full((2, 4), 7, dtype=torch.uint8)
+    assert call(ptr, ids, out) == (False, 0, 2, False)
+    assert torch.equal(out, torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0]], dtype=torch.uint8))
+    assert call(torch.zeros(3, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                out) == (False, 2**63 - 1, -2**63, False)  # no ids: min/max unset
+    with pytest.raises(ValueError, match="indptr: expected B\\+1=3 entries"):
+        call(ptr[:2], ids, out)
+    with pytest.raises(TypeError, match="indices"):
+        call(ptr, ids.float(), out)
+    with pytest.raises(TypeError, match="out"):
+        call(ptr, ids, out.bool().float())
+    with pytest.raises(ValueError, match="indptr: expected 1-D"):
+        call(ptr.view(3, 1), ids, out)

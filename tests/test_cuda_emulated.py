@@ -36,7 +36,8 @@ from shl_kernels.reference import shl_loss_reference
 ROOT = Path(__file__).resolve().parent.parent
 # SHL_EMU_CSRC: another csrc/ (e.g. an older checkout's) to build, for differential runs.
 CSRC = Path(os.environ.get("SHL_EMU_CSRC", ROOT / "csrc"))
-_DTYPE_ENUM = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+_DTYPE_ENUM = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4,
+               torch.int32: 6, torch.int64: 7}
 
 
 def _cuda_include() -> Path | None:
@@ -78,9 +79,11 @@ def lib(tmp_path_factory):
     so.emulated_take_max_smem.restype = ctypes.c_int64
     so.targets_emulated_to_mask.restype = ctypes.c_char_p
     so.targets_emulated_to_mask.argtypes = [p, ctypes.c_int, i64, p, p]
+    so.csr_emulated_to_mask.restype = ctypes.c_char_p
+    so.csr_emulated_to_mask.argtypes = [p, ctypes.c_int, p, ctypes.c_int, i64, i64, i64, p, p]
     so.elementwise_emulated_fused.restype = ctypes.c_char_p
     so.elementwise_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, p, ctypes.c_int,
-                                              d, d, d, d, d, d, ctypes.c_int, d, p, p, p]
+                                              d, d, d, d, d, d, ctypes.c_int, d, p, p, p, p]
     return so
 
 
@@ -391,13 +394,13 @@ def test_grad_scale_and_loss_scaling(lib):
 
 
 def _elementwise_emulated(so, z, pos, ign, weight, pos_weight, spec, grad_scale, *,
-                          loss_rows=None, loss_el=None, grad=None):
+                          loss_rows=None, loss_el=None, grad=None, loss_total=None):
     """kernels_elementwise.ElementwiseKernel over the emulated csrc/elementwise_cuda.cu."""
     kind, alpha, gamma, gamma_pos, gamma_neg, clip, eps, detach = astuple(spec)
     err = so.elementwise_emulated_fused(
         _ptr(z), _DTYPE_ENUM[z.dtype], z.shape[0], z.shape[1], _ptr(pos), _ptr(ign),
         _ptr(weight), _ptr(pos_weight), kind, alpha, gamma, gamma_pos, gamma_neg, clip, eps,
-        int(detach), grad_scale, _ptr(loss_rows), _ptr(loss_el), _ptr(grad))
+        int(detach), grad_scale, _ptr(loss_rows), _ptr(loss_el), _ptr(grad), _ptr(loss_total))
     if err:
         raise RuntimeError(err.decode())
 
@@ -412,8 +415,8 @@ _SPECS = {"bce": ElemSpec(KINDS["bce"]), "focal": ElemSpec(KINDS["focal"], alpha
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("loss", list(_SPECS))
 def test_elementwise_matches_cpu_kernel(lib, loss, dtype, shape):
-    """The CUDA BCE/focal/ASL kernel (warp per row below 1024 labels, block per row above)
-    against the CPU kernel (tested against the PyTorch formulas in test_elementwise_kernels),
+    """The CUDA BCE/focal/ASL kernel (warp per row below 1024 labels, block per row above, and
+    its row-sum launch) against the CPU kernel (tested against the PyTorch formulas in test_elementwise_kernels),
     with weights, positive weights and ignored pairs; every output written (NaN-poisoned)."""
     B, C = shape
     g = torch.Generator().manual_seed(B * C)
@@ -430,7 +433,13 @@ def test_elementwise_matches_cpu_kernel(lib, loss, dtype, shape):
         grad = torch.full((B, C), float("nan"), dtype=dtype)
         kernel(z, pos, ign, w, pw, _SPECS[loss], 0.5, loss_rows=rows, grad=grad)
         kernel(z, pos, ign, w, pw, _SPECS[loss], 1.0, loss_el=el)
-        out[name] = (rows, el, grad)
+        # the rows' sum times grad_scale in the same call (a second launch on the GPU)
+        total = torch.full((), float("nan"), dtype=acc)
+        kernel(z, pos, ign, w, pw, _SPECS[loss], 0.5, loss_rows=torch.empty(B, dtype=acc),
+               loss_total=total)
+        torch.testing.assert_close(total, rows.sum() * 0.5, rtol=1e-12 if acc == torch.float64
+                                   else 1e-5, atol=0)
+        out[name] = (rows, el, grad, total)
     tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(out["cuda"], out["cpu"], strict=True):
         assert not got.isnan().any()
@@ -497,3 +506,62 @@ def test_targets_to_mask(lib, dtype, n):
         assert err is None, err
         want, want_bad = expected(t)
         assert torch.equal(out, want) and flag.item() == int(want_bad)
+
+
+@pytest.mark.parametrize("ptr_dtype, ids_dtype", [(torch.int64, torch.int64),
+                                                  (torch.int32, torch.int32),
+                                                  (torch.int64, torch.int32)], ids=str)
+def test_csr_to_mask(lib, ptr_dtype, ids_dtype):
+    """csrc/targets_cuda.cu's CSR conversion (a block per row, ids set with word-wide atomics
+    that also find duplicates) against the CPU one: the mask, and every check's value on good
+    pairs (5 rows of up to 300 ids: rows sharing 4-byte words at C=7), malformed indptr, ids
+    out of range and duplicates (check[] and the mask start poisoned)."""
+    from test_csr_targets import random_csr
+
+    from shl_kernels.backends import native
+
+    def both(indptr, indices, B, C):
+        out = {}
+        for name in ("cpu", "cuda"):
+            mask = torch.full((B, C), 9, dtype=torch.uint8)
+            if name == "cpu":
+                from torch.utils.dlpack import to_dlpack
+                check = native().csr_to_mask_cpu(to_dlpack(indptr), to_dlpack(indices),
+                                                 to_dlpack(mask))
+                check = [int(v) for v in check]
+            else:
+                buf = torch.full((4,), -7, dtype=torch.int64)
+                err = lib.csr_emulated_to_mask(
+                    _ptr(indptr), _DTYPE_ENUM[indptr.dtype], _ptr(indices),
+                    _DTYPE_ENUM[indices.dtype], B, C, indices.numel(), _ptr(mask), _ptr(buf))
+                assert err is None, err
+                check = buf.tolist()
+            out[name] = (mask, check)
+        return out
+
+    for B, C, per_row in [(5, 7, 7), (3, 1000, 300), (1, 1, 1)]:
+        (ptr, ids), want = random_csr(B, C, seed=C, max_per_row=per_row)
+        ptr, ids = ptr.to(ptr_dtype), ids.to(ids_dtype)
+        out = both(ptr, ids, B, C)
+        for mask, check in out.values():
+            assert torch.equal(mask, want)
+            assert check[0] == 0 and check[3] == 0
+            if ids.numel():
+                assert (check[1], check[2]) == (int(ids.min()), int(ids.max()))
+    bad_cases = [  # (indptr, indices, C): which check fires
+        ([0, 2, 1], [1, 2], 4),  # decreasing indptr
+        ([1, 1, 2], [0, 1], 4),  # not starting at 0
+        ([0, 1, 3], [0, 1], 4),  # not ending at nnz
+        ([0, 1, 2], [-3, 9], 4),  # ids out of range
+        ([0, 2, 4], [0, 3, 2, 2], 4),  # duplicate in a row
+        ([0, 2, 4], [1, 2, 2, 1], 4),  # the same ids in different rows: fine
+    ]
+    for indptr, indices, C in bad_cases:
+        p, i = torch.tensor(indptr, dtype=ptr_dtype), torch.tensor(indices, dtype=ids_dtype)
+        out = both(p, i, 2, C)
+        cpu, cuda = out["cpu"][1], out["cuda"][1]
+        assert bool(cuda[0]) == bool(cpu[0])
+        if not cpu[0]:
+            assert cuda[1:3] == cpu[1:3]
+            if cpu[1] >= 0 and cpu[2] < C:
+                assert cuda[3] == cpu[3] and torch.equal(out["cuda"][0], out["cpu"][0])

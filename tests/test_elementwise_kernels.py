@@ -192,6 +192,37 @@ def test_kernel_writes_every_output(backend, dtype, spec):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", SPECS[:2], ids=["bce", "focal"])
+@pytest.mark.parametrize("where", ["kernel", "torch"])
+def test_kernel_sums_rows_in_the_call(backend, dtype, spec, where, monkeypatch):
+    """loss_total (what FusedElementwise asks for "mean"/"sum"): grad_scale times the sum of
+    the row losses, written by the same call (NaN-poisoned before); the gradient unchanged.
+    where="torch": Triton's grids too large to sum in the launch (forced), summed by torch."""
+    if where == "torch":
+        if backend != "triton":
+            pytest.skip("only Triton sums with torch (beyond its device-sum limit)")
+        from shl_kernels import triton_elementwise
+        monkeypatch.setattr(triton_elementwise, "REDUCE_MAX", 0)
+    dev = _device(backend)
+    B, C = (5, 37) if backend == "triton" and not HAS_CUDA else (9, 1100)
+    z, y, ign, w, pw, _, _ = _inputs(B, C, torch.float64, dev, 4)
+    z = z.clamp(-8, 8).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    args = (z, y.to(torch.uint8), ign.to(torch.uint8), w.to(acc), pw.to(acc), spec, 0.25)
+    rows = torch.full((B,), float("nan"), dtype=acc, device=dev)
+    grad = torch.full((B, C), float("nan"), dtype=dtype, device=dev)
+    KERNELS[backend](*args, loss_rows=rows, grad=grad)
+    scratch = torch.full((B,), float("nan"), dtype=acc, device=dev)
+    total = torch.full((), float("nan"), dtype=acc, device=dev)
+    grad2 = torch.full((B, C), float("nan"), dtype=dtype, device=dev)
+    KERNELS[backend](*args, loss_rows=scratch, grad=grad2, loss_total=total)
+    tol = 1e-12 if acc == torch.float64 else 1e-5
+    torch.testing.assert_close(total, rows.sum() * 0.25, rtol=tol, atol=0)
+    assert torch.equal(grad2, grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates_unless_ignored(backend):
     dev = _device(backend)
     z = torch.zeros(2, 5, device=dev)
@@ -281,11 +312,19 @@ def test_native_binding_names_bad_arguments():
     kw = {"kind": 0, "alpha": -1.0, "gamma": 0.0, "gamma_pos": 0.0, "gamma_neg": 0.0,
           "clip": 0.0, "eps": 1e-8, "detach": False, "grad_scale": 1.0}
 
-    def call(z=z, pos=pos, w=None, rows=rows, grad=None):
-        cap = [None if t is None else to_dlpack(t) for t in (z, pos, w, rows, grad)]
-        _C.elementwise_fused_cpu(cap[0], cap[1], None, cap[2], None, cap[3], None, cap[4], **kw)
+    def call(z=z, pos=pos, w=None, rows=rows, grad=None, total=None):
+        cap = [None if t is None else to_dlpack(t) for t in (z, pos, w, rows, grad, total)]
+        _C.elementwise_fused_cpu(cap[0], cap[1], None, cap[2], None, cap[3], None, cap[4], **kw,
+                                 loss_total=cap[5])
 
     call()
+    call(total=torch.empty(()))
+    with pytest.raises(ValueError, match="loss_total: given without loss_rows"):
+        call(rows=None, grad=torch.empty(2, 3), total=torch.empty(()))
+    with pytest.raises(ValueError, match="loss_total"):
+        call(total=torch.empty(1))
+    with pytest.raises(TypeError, match="loss_total"):
+        call(total=torch.empty((), dtype=torch.float64))
     with pytest.raises(ValueError, match="pos"):
         call(pos=torch.zeros(3, 2, dtype=torch.uint8))
     with pytest.raises(TypeError, match="pos"):
@@ -325,11 +364,11 @@ def compile_for_h100(zt, kind, has, clip, detach, rows, block_b, block_c, num_wa
     acc = "*fp64" if zt == "fp64" else "*fp32"
     sig = dict(z_ptr=PTR[zt], pos_ptr="*u8", ign_ptr="*u8", w_ptr=acc, pw_ptr=acc,
                par_ptr=acc, part_ptr=acc, lel_ptr=PTR[zt], grad_ptr=PTR[zt], B="i32", C="i32",
-               n_cblocks="i32")
+               n_cblocks="i32", total_ptr=acc, count_ptr="*i32")
     const = dict(KIND=kind, DETACH=detach, CLIP=clip, HAS_IGN=has, HAS_W=has, HAS_PW=has,
                  WRITE_ROWS=rows, WRITE_EL=not rows, WRITE_GRAD=True,
-                 ACC=tl.float64 if zt == "fp64" else tl.float32, BLOCK_B=block_b,
-                 BLOCK_C=block_c)
+                 ACC=tl.float64 if zt == "fp64" else tl.float32, REDUCE=rows,
+                 BLOCK_B=block_b, BLOCK_C=block_c)
     if block_c == 1:  # C == 1 arrives as a constexpr (Triton specialises ints equal to 1)
         const["C"] = 1
     if block_b == 1:

@@ -362,17 +362,26 @@ def test_float_targets_to_masks_on_the_gpu():
 
 
 def test_csr_targets_on_the_gpu():
-    # CSR on CUDA tensors: the dense mask of the row oracle, and the loss of dense targets.
+    # CSR on CUDA tensors (the extension's kernel where it has the CUDA build, else torch
+    # ops): the dense mask of the row oracle, and every error in its priority.
     from test_csr_targets import random_csr
 
+    from shl_kernels.kernels_cuda import cuda_available
     from shl_kernels.loss import _status
+    from shl_kernels.masks import _csr_converter
 
-    (indptr, indices), want = random_csr(300, 2000, seed=7, dtype=torch.int32)
-    got = _status((indptr.to(DEV), indices.to(DEV)), 300, 2000, "targets", torch.device(DEV))
-    assert torch.equal(got.cpu(), want)
-    with pytest.raises(ValueError, match="^targets: duplicate label ids in a row"):
-        _status((torch.tensor([0, 2], device=DEV), torch.tensor([5, 5], device=DEV)), 1, 9,
-                "targets", torch.device(DEV))
+    assert (_csr_converter("cuda") is not None) == cuda_available()[0]
+    for dtype, (B, C) in ((torch.int32, (300, 2000)), (torch.int64, (4097, 7))):
+        (indptr, indices), want = random_csr(B, C, seed=7, dtype=dtype, max_per_row=min(C, 6))
+        got = _status((indptr.to(DEV), indices.to(DEV)), B, C, "targets", torch.device(DEV))
+        assert torch.equal(got.cpu(), want)
+    for ptr, ids, match in (([0, 2], [5, 5], "duplicate label ids in a row"),
+                            ([0, 2], [5, 9], r"label ids must be in \[0, 9\), got \[5, 9\]"),
+                            ([0, 3], [1, 2], "CSR indptr must start at 0"),
+                            ([1, 2], [1, 2], "CSR indptr must start at 0")):
+        with pytest.raises(ValueError, match=f"^targets: {match}"):
+            _status((torch.tensor(ptr, device=DEV), torch.tensor(ids, device=DEV)), 1, 9,
+                    "targets", torch.device(DEV))
 
 
 @pytest.mark.parametrize("loss", ["shl", "bce"])

@@ -205,6 +205,20 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 inline unsigned atomicOr(unsigned* address, unsigned v) {
   return __atomic_fetch_or(address, v, __ATOMIC_SEQ_CST);
 }
+inline long long atomicMax(long long* address, long long v) {
+  long long old = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+  while (old < v && !__atomic_compare_exchange_n(address, &old, v, false, __ATOMIC_SEQ_CST,
+                                                 __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+inline long long atomicMin(long long* address, long long v) {
+  long long old = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+  while (old > v && !__atomic_compare_exchange_n(address, &old, v, false, __ATOMIC_SEQ_CST,
+                                                 __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
 
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline float __expf(float x) { return std::exp(x); }

@@ -63,7 +63,7 @@ extern "C" const char* elementwise_emulated_fused(
     const void* z, int z_dtype, int64_t B, int64_t C, const uint8_t* pos, const uint8_t* ign,
     const void* weight, const void* pos_weight, int kind, double alpha, double gamma,
     double gamma_pos, double gamma_neg, double clip, double eps, int detach, double grad_scale,
-    void* loss_rows, void* loss_el, void* grad) {
+    void* loss_rows, void* loss_el, void* grad, void* loss_total) {
   shl::ElemArgs a;
   a.z = z;
   a.z_type = static_cast<shl::DType>(z_dtype);
@@ -83,6 +83,7 @@ extern "C" const char* elementwise_emulated_fused(
   a.p.detach = detach != 0;
   a.grad_scale = grad_scale;
   a.loss_rows = loss_rows;
+  a.loss_total = loss_total;
   a.loss_el = loss_el;
   a.grad = grad;
   a.device = 0;
@@ -98,4 +99,21 @@ extern "C" const char* targets_emulated_to_mask(const void* t, int t_dtype, int6
   a.out = out;
   a.device = 0;
   return shl::targets_to_mask_cuda(a, bad, nullptr);
+}
+
+extern "C" const char* csr_emulated_to_mask(const void* indptr, int indptr_dtype,
+                                            const void* indices, int indices_dtype, int64_t B,
+                                            int64_t C, int64_t nnz, uint8_t* out,
+                                            int64_t* check) {
+  shl::CsrArgs a;
+  a.indptr = indptr;
+  a.indptr_type = static_cast<shl::DType>(indptr_dtype);
+  a.indices = indices;
+  a.indices_type = static_cast<shl::DType>(indices_dtype);
+  a.B = B;
+  a.C = C;
+  a.nnz = nnz;
+  a.out = out;
+  a.device = 0;
+  return shl::csr_to_mask_cuda(a, check, nullptr);
 }
