@@ -3,6 +3,7 @@
 Same inputs for every backend, median of repeats after warm-up; prints a table of ratios
 and appends rows to benchmarks/results/<device>.csv.
 Usage: python benchmarks/bench_loss.py [--device cpu|cuda] [--quick-gpu] [--losses shl,bce]
+       [--float-targets | --csr-targets]
 """
 from __future__ import annotations
 
@@ -101,6 +102,14 @@ def make_inputs(B: int, C: int, m: int, dtype: torch.dtype, device: str, seed: i
     return seg, z, pos.to(device), w, eta
 
 
+def csr_of(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (indptr, indices) CSR form of dense 0/1 targets, on their device."""
+    rows, cols = pos.nonzero(as_tuple=True)
+    indptr = torch.zeros(pos.shape[0] + 1, dtype=torch.int64, device=pos.device)
+    indptr[1:] = torch.bincount(rows, minlength=pos.shape[0]).cumsum(0)
+    return indptr, cols.contiguous()
+
+
 def time_fb(fn: Callable[[], torch.Tensor], z: torch.Tensor, repeats: int, warmup: int) -> float:
     """Median ms of forward+backward."""
     cuda = z.is_cuda
@@ -118,9 +127,12 @@ def time_fb(fn: Callable[[], torch.Tensor], z: torch.Tensor, repeats: int, warmu
     return statistics.median(times)
 
 
-def shl_runners(seg, z, pos, w, eta, backends: list[str]) -> dict[str, Callable]:
+def shl_runners(seg, z, pos, w, eta, backends: list[str],
+                fused_targets=None) -> dict[str, Callable]:
+    """fused_targets: what the fused backends get instead of pos (e.g. its CSR form)."""
+    t = pos if fused_targets is None else fused_targets
     runners = {
-        b: (lambda b=b: shl.segmented_harmonic_loss(z, pos, seg, label_weights=w,
+        b: (lambda b=b: shl.segmented_harmonic_loss(z, t, seg, label_weights=w,
                                                      null_logits=eta, backend=b))
         for b in backends if b != "torch"
     }
@@ -195,7 +207,8 @@ def run(args) -> list[dict]:
         if args.float_targets:  # what BCE-style data pipelines hand over
             pos = pos.float()
         z = z0.clone().requires_grad_(True)
-        runners = (shl_runners(seg, z, pos, w, eta, backends) if loss == "shl" else
+        runners = (shl_runners(seg, z, pos, w, eta, backends,
+                               csr_of(pos) if args.csr_targets else None) if loss == "shl" else
                    elementwise_runners(loss, z, pos, backends))
         ms = {}
         for name, fn in runners.items():
@@ -211,7 +224,8 @@ def run(args) -> list[dict]:
                 if base not in ms:
                     continue
                 name = loss + ("_segment_ordered" if args.segment_ordered else "") + (
-                    "_float_targets" if args.float_targets else "")
+                    "_float_targets" if args.float_targets else "") + (
+                    "_csr_targets" if args.csr_targets and loss == "shl" else "")
                 rows.append({"benchmark": f"{name}_fwd_bwd", "backend": b, "baseline": base,
                              "device": dev_name, "dtype": str(dtype).replace("torch.", ""),
                              "B": B, "C": C, "m": seg.num_segments, "ms": round(ms[b], 4),
@@ -242,6 +256,9 @@ def main() -> None:
                    help="comma list of shl, bce, focal, asl")
     p.add_argument("--float-targets", action="store_true",
                    help="targets as float32 0/1 (converted and checked by the fused losses)")
+    p.add_argument("--csr-targets", action="store_true",
+                   help="SHL: the fused losses get the targets as CSR (indptr, indices), "
+                        "converted and checked per call; eager and compiled take them dense")
     p.add_argument("--segment-ordered", action="store_true",
                    help="logits already in segment order (identity-order fast path)")
     p.add_argument("--repeats", type=int, default=20)

@@ -84,10 +84,12 @@ fi
 if [[ -f benchmarks/bench_loss.py ]]; then
   TAIL=12 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --quick-gpu \
     --losses "${BENCH_LOSSES:-shl,bce,focal,asl}"
-  # The same SHL shapes with float 0/1 targets: the fused losses convert and check them
-  # (one pass of the extension's CUDA kernel; torch ops without the build).
-  TAIL=8 step bench_float 100 "$PY" benchmarks/bench_loss.py --device cuda --quick-gpu \
-    --losses shl --float-targets
+  # The same SHL shapes with float 0/1 targets, then CSR targets: the fused losses convert
+  # and check them (one pass of the extension's CUDA kernels; without the build, Triton for
+  # float targets and torch ops for CSR).
+  TAIL=16 step bench_float 150 bash -c "$PY benchmarks/bench_loss.py --device cuda \
+    --quick-gpu --losses shl --float-targets; $PY benchmarks/bench_loss.py --device cuda \
+    --quick-gpu --losses shl --csr-targets"
 else
   SUMMARY+=("$(printf '%-14s %-22s %5s' bench_loss "skipped: no script" -)")
 fi

@@ -14,8 +14,8 @@ namespace shl {
 namespace {
 
 // t (any shape, floating) and out (uint8, t's number of elements and device), checked.
-MaskArgs make_args(const py::object& t_, const py::object& out_, bool cuda) {
-  const TensorView t = view(t_, "t"), out = view(out_, "out");
+MaskArgs make_args(const TensorView& t, const py::object& out_, bool cuda) {
+  const TensorView out = view(out_, "out");
   check_dtype(t, {DType::kF32, DType::kF64, DType::kF16, DType::kBF16},
               "float32, float64, float16 or bfloat16 (bool and uint8 need no conversion)");
   if (cuda ? !t.on_cuda() : !t.on_cpu())
@@ -91,7 +91,7 @@ void register_targets(py::module_& m) {
   m.def(
       "targets_to_mask_cpu",
       [](py::object t, py::object out, int num_threads) {
-        MaskArgs a = make_args(t, out, false);
+        MaskArgs a = make_args(view(t, "t"), out, false);
         a.num_threads = num_threads;
         int bad = 0;
         const char* err;
@@ -109,11 +109,12 @@ void register_targets(py::module_& m) {
   m.def(
       "targets_to_mask_cuda",
       [](py::object t, py::object out, py::object bad_, uintptr_t stream) {
-        MaskArgs a = make_args(t, out, true);
+        const TensorView tv = view(t, "t");
+        MaskArgs a = make_args(tv, out, true);
         const TensorView bad = view(bad_, "bad");
         check_dtype(bad, {DType::kI32}, "int32");
         check_shape(bad, {1});
-        check_same_device(view(t, "t"), bad);
+        check_same_device(tv, bad);
         const char* err = targets_to_mask_cuda(a, bad.ptr<int32_t>(), reinterpret_cast<void*>(stream));
         if (err) throw std::runtime_error(err);
       },
@@ -129,7 +130,8 @@ void register_targets(py::module_& m) {
         const TensorView check = view(check_, "check");
         check_dtype(check, {DType::kI64}, "int64");
         check_shape(check, {kCsrChecks});
-        check_same_device(view(out, "out"), check);
+        if (!check.on_cuda() || check.device.device_id != a.device)
+          throw py::value_error("check: must be on out's CUDA device");
         const char* err = csr_to_mask_cuda(a, check.ptr<int64_t>(), reinterpret_cast<void*>(stream));
         if (err) throw std::runtime_error(err);
       },
