@@ -248,3 +248,64 @@ def test_direct_launches_switch_for_every_instance(direct):
         for _ in range(2):
             launch((1,), args, {"BLOCK": 64}, DEV)
     assert (len(fn.calls), len(fn.launches)) == (3, 1)
+
+
+def test_package_launches_hand_the_launcher_tritons_bound_arguments(monkeypatch):
+    """Every DirectLaunch of the package (SHL window and staged kernels, elementwise losses,
+    float-target masks), recorded while the public API runs: the argument list the direct
+    path hands the launcher (the args, then the remaining parameters from kwargs or their
+    defaults) equals the one Triton's own binder builds from the same call, and the key
+    covers Triton's specialization, for the real kernels' signatures (rebuilt as
+    JITFunctions: under the interpreter they are InterpretedFunctions)."""
+    import shl_kernels as shl
+    from shl_kernels import triton_masks, triton_shl, triton_staged
+
+    calls = []
+    real = DirectLaunch.__call__
+
+    def record(self, grid, args, kwargs, device):
+        calls.append((self.fn, tuple(args), dict(kwargs)))
+        return real(self, grid, args, kwargs, device)
+
+    class Recorded:  # the staged kernel: the interpreter launches it without DirectLaunch
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                calls.append((self.fn, a, {n: v for n, v in k.items()}))
+                return self.fn[grid](*a, **k)
+            return run
+
+    monkeypatch.setattr(DirectLaunch, "__call__", record)
+    monkeypatch.setattr(triton_staged, "_shl_staged_kernel",
+                        Recorded(triton_staged._shl_staged_kernel))
+    monkeypatch.setattr(triton_shl, "_staged_wins", lambda *a: True)
+    triton_masks.to_mask(torch.tensor([0.0, 1.0, 1.0]), torch.empty(3, dtype=torch.uint8))
+    seg = shl.Segmentation.from_segments([[0, 5], [1], [2, 3, 4, 6]], 7)
+    z = torch.randn(3, 7, requires_grad=True)
+    t = torch.eye(7)[:3]
+    for ign in (None, torch.zeros(3, 7, dtype=torch.bool)):
+        for staged in (False, True):
+            monkeypatch.setattr(triton_shl, "STAGED", staged)
+            shl.segmented_harmonic_loss(z, t, seg, ignore=ign, null_logits=torch.zeros(3),
+                                        backend="triton").backward()
+    shl.bce_loss(z, t, backend="triton").backward()
+    kernels = {id(fn) for fn, _, _ in calls}
+    assert len(kernels) == 4, "expected the SHL window and staged, elementwise, mask kernels"
+    for fn, args, kwargs in calls:
+        if isinstance(fn, JITFunction):
+            jit = fn
+        else:  # the interpreter's: the same Python function and specialization flags
+            jit = JITFunction(fn.fn, do_not_specialize=fn.kwargs["do_not_specialize"],
+                              do_not_specialize_on_alignment=fn.kwargs[
+                                  "do_not_specialize_on_alignment"])
+        direct = DirectLaunch(jit)
+        direct.backend = BaseBackend
+        binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+        bound, spec, _ = binder(*args, **kwargs)
+        tail = direct.entry(_FakeKernel(_FakeJit(), 1), len(args), kwargs)[3]
+        for a, b in zip(bound.values(), (*args, *tail), strict=True):
+            assert a is b or (not isinstance(a, torch.Tensor) and a == b)
+        # the key's specialization of the args is Triton's own
+        assert list(direct.key(args, kwargs, DEV)[1]) == spec[:len(args)]
