@@ -3,7 +3,8 @@ checks them. Dense 0/1 tensors of a floating dtype: the extension's conversion (
 OpenMP C++, CUDA) or, on GPUs without its CUDA build, Triton's (triton_masks.py); with torch
 ops the conversion and its check took five passes over the batch, more than the fused loss
 itself (CPU, 512 x 8192 fp32: 6.1 ms against 3.5 ms for the loss and its gradient). CSR pairs
-(indptr, indices): the extension's (`csr_mask`), where torch took ~20 small ops."""
+(indptr, indices): the extension's or Triton's (`csr_mask`), where torch took ~20 small
+ops."""
 from __future__ import annotations
 
 import functools
@@ -64,8 +65,9 @@ def float_mask(t: torch.Tensor, name: str) -> torch.Tensor | None:
     return out
 
 
-# convert(indptr, indices, out) -> (indptr malformed, smallest id, largest id, duplicate)
-CsrConverter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+# convert(indptr, indices, B, C) -> (uint8 [B, C] mask, (indptr malformed, smallest id,
+# largest id, an id twice in a row))
+CsrConverter = Callable[[torch.Tensor, torch.Tensor, int, int], tuple]
 
 
 @functools.cache
@@ -73,15 +75,27 @@ def _csr_converter(device_type: str) -> CsrConverter | None:
     ext = native()
     fn = None if ext is None else getattr(ext, f"csr_to_mask_{device_type}", None)
     if fn is not None and device_type == "cpu":
-        return lambda p, i, out: fn(capsule(p), capsule(i), capsule(out),
-                                    torch.get_num_threads())
+        def cpu(p, i, B, C):
+            out = torch.empty((B, C), dtype=torch.uint8)
+            return out, fn(capsule(p), capsule(i), capsule(out), torch.get_num_threads())
+        return cpu
     if fn is not None and _cuda_kernels_run():
-        def cuda(p, i, out):
-            check = torch.empty(4, dtype=torch.int64, device=out.device)
-            fn(capsule(p), capsule(i), capsule(out), capsule(check), stream_handle(out.device))
-            bad, lo, hi, dup = check.tolist()  # one host read
-            return bool(bad), lo, hi, bool(dup)
+        def cuda(p, i, B, C):
+            out = torch.empty((B, C), dtype=torch.uint8, device=p.device)
+            check = torch.empty(4, dtype=torch.int64, device=p.device)
+            fn(capsule(p), capsule(i), capsule(out), capsule(check), stream_handle(p.device))
+            return out, check.tolist()  # one host read
         return cuda
+    if device_type == "cuda":
+        try:
+            from . import triton_masks
+        except ImportError:
+            return None
+
+        def triton(p, i, B, C):
+            out, check = triton_masks.csr_to_mask(p, i, B, C)
+            return out, check.tolist()
+        return triton
     return None
 
 
@@ -95,10 +109,9 @@ def csr_mask(indptr: torch.Tensor, indices: torch.Tensor, B: int, C: int):
     convert = _csr_converter(indptr.device.type) if B > 0 else None
     if convert is None:
         return None
-    out = torch.empty((B, C), dtype=torch.uint8, device=indptr.device)
-    bad, lo, hi, dup = convert(indptr.contiguous(), indices.contiguous(), out)
+    out, (bad, lo, hi, dup) = convert(indptr.contiguous(), indices.contiguous(), B, C)
     empty = indices.numel() == 0
-    return out, (bad, None if empty else lo, None if empty else hi, dup)
+    return out, (bool(bad), None if empty else lo, None if empty else hi, bool(dup))
 
 
 def not_binary(name: str) -> ValueError:

@@ -124,3 +124,37 @@ def test_native_binding_names_bad_arguments(conversion):
         call(ptr, ids, out.bool().float())
     with pytest.raises(ValueError, match="indptr: expected 1-D"):
         call(ptr.view(3, 1), ids, out)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.int64, torch.int64), (torch.int32, torch.int32),
+                                    (torch.int32, torch.int64)], ids=str)
+def test_triton_conversion_matches_the_native_one(conversion, dtypes):
+    """triton_masks.csr_to_mask (GPUs without the extension's CUDA build; on CPU under the
+    interpreter): the mask and every check's value, as the CPU conversion, on good pairs
+    (rows sharing 4-byte words, more ids in a row than one block of lanes, no ids) and bad
+    ones (checks start poisoned: the conversion sets them)."""
+    if conversion != "native":
+        pytest.skip("compares with the native conversion")
+    triton_masks = pytest.importorskip("shl_kernels.triton_masks")
+    from shl_kernels.masks import _csr_converter
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = [(*random_csr(B, C, seed=C, max_per_row=k)[0], C)
+             for B, C, k in [(5, 7, 7), (2, 700, 600), (1, 1, 1), (3, 5, 0)]]
+    cases += [(torch.tensor(p), torch.tensor(i), 4) for p, i in
+              [([0, 2, 1], [1, 2]), ([1, 1, 2], [0, 1]), ([0, 1, 3], [0, 1]),
+               ([0, 1, 2], [-3, 9]), ([0, 2, 4], [0, 3, 2, 2]), ([0, 2, 4], [1, 2, 2, 1])]]
+    for ptr, ids, C in cases:
+        ptr, ids = ptr.to(dtypes[0]), ids.to(dtypes[1])
+        B = ptr.numel() - 1
+        want_mask, want = _csr_converter("cpu")(ptr, ids, B, C)
+        got_mask, got = triton_masks.csr_to_mask(ptr.to(dev), ids.to(dev), B, C)
+        got = got.tolist()
+        assert bool(got[0]) == bool(want[0]), (ptr, ids)
+        if want[0]:
+            continue
+        assert got[1:3] == list(want[1:3])
+        if ids.numel() == 0 or (want[1] >= 0 and want[2] < C):
+            assert bool(got[3]) == bool(want[3]), (ptr, ids)
+            if not want[3]:
+                assert torch.equal(got_mask.cpu(), want_mask)

@@ -362,15 +362,15 @@ def test_float_targets_to_masks_on_the_gpu():
 
 
 def test_csr_targets_on_the_gpu():
-    # CSR on CUDA tensors (the extension's kernel where it has the CUDA build, else torch
-    # ops): the dense mask of the row oracle, and every error in its priority.
+    # CSR on CUDA tensors (the extension's kernel where it has the CUDA build, else
+    # Triton's): the dense mask of the row oracle, and every error in its priority.
+    # (tests/test_csr_targets.py runs Triton's against the CPU one on the GPU too.)
     from test_csr_targets import random_csr
 
-    from shl_kernels.kernels_cuda import cuda_available
     from shl_kernels.loss import _status
     from shl_kernels.masks import _csr_converter
 
-    assert (_csr_converter("cuda") is not None) == cuda_available()[0]
+    assert _csr_converter("cuda") is not None
     for dtype, (B, C) in ((torch.int32, (300, 2000)), (torch.int64, (4097, 7))):
         (indptr, indices), want = random_csr(B, C, seed=7, dtype=dtype, max_per_row=min(C, 6))
         got = _status((indptr.to(DEV), indices.to(DEV)), B, C, "targets", torch.device(DEV))

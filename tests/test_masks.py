@@ -125,15 +125,20 @@ def test_triton_conversion(dtype, n):
 
 
 def test_triton_conversion_compiles_for_sm90(compile_sm90):
-    # the interpreter checks no types: real sm_90 code for every float dtype
+    # the interpreter checks no types: real sm_90 code for every float dtype, and the CSR
+    # conversion for every index dtype
     compile_sm90(textwrap.dedent("""
         import sys
         sys.path.insert(0, "benchmarks")
         from triton_resources import PTR, compile_sm90
-        from shl_kernels.triton_masks import BLOCK, _to_mask_kernel
+        from shl_kernels.triton_masks import _CSR_BLOCK, BLOCK, _csr_kernel, _to_mask_kernel
         for dt in ("fp32", "fp64", "fp16", "bf16"):
             sig = {"t_ptr": PTR[dt], "out_ptr": "*u8", "bad_ptr": "*i32", "n": "i64"}
             assert compile_sm90(_to_mask_kernel, sig, {"BLOCK": BLOCK}, 4).asm["cubin"]
+        for p, i in (("*i64", "*i64"), ("*i32", "*i32"), ("*i32", "*i64")):  # CSR
+            sig = {"ptr_ptr": p, "ids_ptr": i, "words_ptr": "*i32", "check_ptr": "*i64",
+                   "B": "i32", "C": "i32", "nnz": "i64"}
+            assert compile_sm90(_csr_kernel, sig, {"BLOCK_IDS": _CSR_BLOCK}, 4).asm["cubin"]
         print("compiled")
     """))
 
@@ -168,3 +173,37 @@ def test_gpu_conversion_routing(monkeypatch, built, runs):
     monkeypatch.setattr(triton_masks, "to_mask", lambda t, out: seen.append(t) or torch.ones(1))
     assert convert(torch.zeros(2), torch.empty(2, dtype=torch.uint8)) is True
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("built, runs", [(True, True), (True, False), (False, False)])
+def test_gpu_csr_conversion_routing(monkeypatch, built, runs):
+    # CSR pairs on CUDA tensors: the extension's kernel where it was built with CUDA and can
+    # run (check[] read back once), else Triton's, else None (torch ops).
+    calls = []
+
+    class Ext:
+        if built:
+            @staticmethod
+            def csr_to_mask_cuda(*args):
+                calls.append(args)
+
+    monkeypatch.setattr(masks, "native", lambda: Ext)
+    monkeypatch.setattr(masks, "_cuda_kernels_run", lambda: runs)
+    monkeypatch.setattr(masks, "stream_handle", lambda device: 7)
+    convert = masks._csr_converter.__wrapped__("cuda")
+    ptr, ids = torch.tensor([0, 1]), torch.tensor([2])
+    if built and runs:
+        out, check = convert(ptr, ids, 1, 3)
+        assert out.shape == (1, 3) and len(check) == 4
+        assert len(calls) == 1 and calls[0][4] == 7
+        return
+    try:
+        from shl_kernels import triton_masks
+    except ImportError:
+        assert convert is None
+        return
+    seen = []
+    monkeypatch.setattr(triton_masks, "csr_to_mask", lambda p, i, B, C: seen.append(
+        (B, C)) or (torch.zeros(B, C, dtype=torch.uint8), torch.tensor([0, 2, 2, 0])))
+    assert convert(ptr, ids, 1, 3)[1] == [0, 2, 2, 0]
+    assert seen == [(1, 3)]
