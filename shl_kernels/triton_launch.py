@@ -20,14 +20,25 @@ import weakref
 from collections.abc import Hashable, Iterator, Sequence
 
 import torch
+import triton
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
 
 from .fused import stream_handle
 
-# SHL_TRITON_DIRECT=0: every launch through Triton's own path (to compare, or as an escape
-# hatch should a Triton version change what its launcher takes).
-DIRECT = os.environ.get("SHL_TRITON_DIRECT", "1") != "0"
+# The Triton releases whose launch path DirectLaunch mirrors (JITFunction.run's call of the
+# compiled kernel's launcher, read from their source): others launch through Triton itself.
+MIRRORED = ("3.6.",)
+
+
+def direct_by_default(version: str, env: str) -> bool:
+    """SHL_TRITON_DIRECT (`env`)=0: every launch through Triton's own path (to compare, or as
+    an escape hatch); =1: direct launches on an unlisted Triton release too; unset: on the
+    MIRRORED releases."""
+    return env == "1" or (env != "0" and version.startswith(MIRRORED))
+
+
+DIRECT = direct_by_default(triton.__version__, os.environ.get("SHL_TRITON_DIRECT", ""))
 
 
 class DirectLaunch:

@@ -121,6 +121,7 @@ class _FakeJit:
 @pytest.fixture
 def direct(monkeypatch):
     monkeypatch.setattr(triton_launch, "stream_handle", lambda device: 100 + device.index)
+    monkeypatch.setattr(triton_launch, "DIRECT", True)  # (whatever the Triton release)
     fn = _FakeJit()
     return fn, DirectLaunch(fn)
 
@@ -309,3 +310,12 @@ def test_package_launches_hand_the_launcher_tritons_bound_arguments(monkeypatch)
             assert a is b or (not isinstance(a, torch.Tensor) and a == b)
         # the key's specialization of the args is Triton's own
         assert list(direct.key(args, kwargs, DEV)[1]) == spec[:len(args)]
+
+
+def test_direct_launches_only_on_mirrored_triton_releases():
+    """Direct launches mirror Triton 3.6's launch path: other releases launch through Triton
+    unless SHL_TRITON_DIRECT=1; SHL_TRITON_DIRECT=0 turns them off everywhere."""
+    assert triton_launch.direct_by_default("3.6.0", "")
+    assert not triton_launch.direct_by_default("3.8.0", "")
+    assert triton_launch.direct_by_default("3.8.0", "1")
+    assert not triton_launch.direct_by_default("3.6.0", "0")
