@@ -51,7 +51,8 @@ enum : int { kCsrBadIndptr = 0, kCsrMinId = 1, kCsrMaxId = 2, kCsrDuplicate = 3,
 const char* csr_to_mask_cpu(const CsrArgs& a, int64_t* check);
 #ifdef SHL_WITH_CUDA
 // check: int64 [kCsrChecks] in device memory, written asynchronously on `stream` (B >= 1).
-// out must be 4-byte aligned (ids are set with word-wide atomics, which also find duplicates).
+// out must be 4-byte aligned and its allocation cover whole 4-byte words (ids are set with
+// word-wide atomics, which also find duplicates; bytes past B * C are OR-ed with 0).
 const char* csr_to_mask_cuda(const CsrArgs& a, int64_t* check, void* stream);
 #endif
 

@@ -81,7 +81,9 @@ def _csr_converter(device_type: str) -> CsrConverter | None:
         return cpu
     if fn is not None and _cuda_kernels_run():
         def cuda(p, i, B, C):
-            out = torch.empty((B, C), dtype=torch.uint8, device=p.device)
+            # whole 4-byte words: the kernel sets ids with word-wide atomics
+            out = torch.empty(-(-B * C // 4) * 4, dtype=torch.uint8, device=p.device)
+            out = out[:B * C].view(B, C)
             check = torch.empty(4, dtype=torch.int64, device=p.device)
             fn(capsule(p), capsule(i), capsule(out), capsule(check), stream_handle(p.device))
             return out, check.tolist()  # one host read

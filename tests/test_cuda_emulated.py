@@ -522,8 +522,8 @@ def test_csr_to_mask(lib, ptr_dtype, ids_dtype):
 
     def both(indptr, indices, B, C):
         out = {}
-        for name in ("cpu", "cuda"):
-            mask = torch.full((B, C), 9, dtype=torch.uint8)
+        for name in ("cpu", "cuda"):  # (whole 4-byte words, as masks.csr_mask allocates)
+            mask = torch.full((-(-B * C // 4) * 4,), 9, dtype=torch.uint8)[:B * C].view(B, C)
             if name == "cpu":
                 from torch.utils.dlpack import to_dlpack
                 check = native().csr_to_mask_cpu(to_dlpack(indptr), to_dlpack(indices),
