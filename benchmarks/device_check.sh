@@ -85,14 +85,19 @@ if [[ -f benchmarks/bench_loss.py ]]; then
   TAIL=12 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --quick-gpu \
     --losses "${BENCH_LOSSES:-shl,bce,focal,asl}"
   # The same SHL shapes with float 0/1 targets, then CSR targets: the fused losses convert
-  # and check them (one pass of the extension's CUDA kernels; without the build, Triton for
-  # float targets and torch ops for CSR).
+  # and check them (one pass of the extension's CUDA kernels; without the build, Triton's).
   TAIL=16 step bench_float 150 bash -c "$PY benchmarks/bench_loss.py --device cuda \
     --quick-gpu --losses shl --float-targets; $PY benchmarks/bench_loss.py --device cuda \
     --quick-gpu --losses shl --csr-targets"
 else
   SUMMARY+=("$(printf '%-14s %-22s %5s' bench_loss "skipped: no script" -)")
 fi
+
+# Right after the benchmarks (issue 4's B=16 Triton target is host-bound): where the host
+# time of a B=16 step goes. Triton steps with and without direct launches
+# (triton_launch.DirectLaunch) beside eager, then per-op host costs, torch.profiler, cProfile.
+TAIL=90 step profile 90 bash -c "$PY benchmarks/profile_step.py --direct-ab; \
+  $PY benchmarks/profile_step.py --steps 30 --cprofile 30"
 
 # Training shapes, Triton and CUDA backends; the public API's GPU cases (op counts of a
 # small step, the one-op backward, target forms, torch.compile). With xdist the tests run in
@@ -137,11 +142,6 @@ TAIL=40 step triton_sched 90 "$PY" benchmarks/kernel_bandwidth.py --orders shuff
   --kernels "triton,triton staged" --repeats 10 --shape 4096,16384,100 \
   --shape 4096,12000,100 --shape 1024,32768,100 --shape 264,32768,100 --shape 132,32768,100 \
   --shape 64,32768,100 --shape 1024,8922,300
-
-# Where the host time of a B=16 step goes: Triton steps with and without direct launches
-# (triton_launch.DirectLaunch) beside eager, then per-op host costs, torch.profiler, cProfile.
-TAIL=90 step profile 90 bash -c "$PY benchmarks/profile_step.py --direct-ab; \
-  $PY benchmarks/profile_step.py --steps 30 --cprofile 30"
 
 # Nsight Compute on the staged CUDA kernel (4096 x 32768, bf16, shuffled labels, flat
 # schedule; its two launches): what bounds it. Static counts (cuobjdump of an sm_90 build)
