@@ -143,31 +143,43 @@ def test_triton_conversion_compiles_for_sm90(compile_sm90):
     """))
 
 
-@pytest.mark.parametrize("built, runs", [(True, True), (True, False), (False, False)])
-def test_gpu_conversion_routing(monkeypatch, built, runs):
-    # CUDA tensors: the extension's kernel where it was built with CUDA and can run, else
-    # Triton (GPUs without nvcc at install), else None (torch ops).
+ROUTES = [(True, True), (True, False), (False, False)]  # (extension built with CUDA, runs)
+
+
+def _fake_extension(monkeypatch, built: bool, runs: bool, fn_name: str) -> list:
+    """An extension that has (built) the CUDA function fn_name, which records its calls,
+    on a machine where its CUDA kernels run or not; the stream handle is 7."""
     calls = []
-
-    class Ext:
-        if built:
-            @staticmethod
-            def targets_to_mask_cuda(*args):
-                calls.append(args)
-
-    monkeypatch.setattr(masks, "native", lambda: Ext)
+    ext = type("Ext", (), {fn_name: staticmethod(lambda *a: calls.append(a))} if built else {})
+    monkeypatch.setattr(masks, "native", lambda: ext)
     monkeypatch.setattr(masks, "_cuda_kernels_run", lambda: runs)
-    convert = masks._converter.__wrapped__("cuda")
-    if built and runs:
-        monkeypatch.setattr(masks, "stream_handle", lambda device: 7)
-        t = torch.zeros(3)
-        assert convert(t, torch.empty(3, dtype=torch.uint8)) in (False, True)  # flag read
-        assert len(calls) == 1 and calls[0][3] == 7
-        return
+    monkeypatch.setattr(masks, "stream_handle", lambda device: 7)
+    return calls
+
+
+def _triton_masks_or_none(convert):
+    """shl_kernels.triton_masks; None where Triton is missing (the route is then torch ops)."""
     try:
         from shl_kernels import triton_masks
     except ImportError:
         assert convert is None
+        return None
+    return triton_masks
+
+
+@pytest.mark.parametrize("built, runs", ROUTES)
+def test_gpu_conversion_routing(monkeypatch, built, runs):
+    # CUDA tensors: the extension's kernel where it was built with CUDA and can run, else
+    # Triton (GPUs without nvcc at install), else None (torch ops).
+    calls = _fake_extension(monkeypatch, built, runs, "targets_to_mask_cuda")
+    convert = masks._converter.__wrapped__("cuda")
+    if built and runs:
+        t = torch.zeros(3)
+        assert convert(t, torch.empty(3, dtype=torch.uint8)) in (False, True)  # flag read
+        assert len(calls) == 1 and calls[0][3] == 7
+        return
+    triton_masks = _triton_masks_or_none(convert)
+    if triton_masks is None:
         return
     seen = []
     monkeypatch.setattr(triton_masks, "to_mask", lambda t, out: seen.append(t) or torch.ones(1))
@@ -175,21 +187,11 @@ def test_gpu_conversion_routing(monkeypatch, built, runs):
     assert len(seen) == 1
 
 
-@pytest.mark.parametrize("built, runs", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("built, runs", ROUTES)
 def test_gpu_csr_conversion_routing(monkeypatch, built, runs):
     # CSR pairs on CUDA tensors: the extension's kernel where it was built with CUDA and can
     # run (check[] read back once), else Triton's, else None (torch ops).
-    calls = []
-
-    class Ext:
-        if built:
-            @staticmethod
-            def csr_to_mask_cuda(*args):
-                calls.append(args)
-
-    monkeypatch.setattr(masks, "native", lambda: Ext)
-    monkeypatch.setattr(masks, "_cuda_kernels_run", lambda: runs)
-    monkeypatch.setattr(masks, "stream_handle", lambda device: 7)
+    calls = _fake_extension(monkeypatch, built, runs, "csr_to_mask_cuda")
     convert = masks._csr_converter.__wrapped__("cuda")
     ptr, ids = torch.tensor([0, 1]), torch.tensor([2])
     if built and runs:
@@ -197,10 +199,8 @@ def test_gpu_csr_conversion_routing(monkeypatch, built, runs):
         assert out.shape == (1, 3) and len(check) == 4
         assert len(calls) == 1 and calls[0][4] == 7
         return
-    try:
-        from shl_kernels import triton_masks
-    except ImportError:
-        assert convert is None
+    triton_masks = _triton_masks_or_none(convert)
+    if triton_masks is None:
         return
     seen = []
     monkeypatch.setattr(triton_masks, "csr_to_mask", lambda p, i, B, C: seen.append(
