@@ -61,6 +61,42 @@ struct DevStorage<DType::kBF16> {
   using type = __nv_bfloat16;
 };
 
+// N elements of T moved as one access (16 bytes at most; aligned to its size).
+template <int N, class T>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Pack accesses at p (a multiple of the pack's size: the emulator checks it, as a GPU would).
+template <int N, class T>
+__device__ __forceinline__ Pack<N, T> load_pack(const T* p) {
+#ifdef SHL_CUDA_EMULATION
+  shl_emu::check_aligned(p, sizeof(Pack<N, T>));
+#endif
+  return *reinterpret_cast<const Pack<N, T>*>(p);
+}
+
+template <int N, class T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<N, T>& v) {
+#ifdef SHL_CUDA_EMULATION
+  shl_emu::check_aligned(p, sizeof(Pack<N, T>));
+#endif
+  *reinterpret_cast<Pack<N, T>*>(p) = v;
+}
+
+// The unsigned integer of N bytes (N flag bytes read as one value).
+template <int N> struct UintOf;
+template <> struct UintOf<1> { using type = uint8_t; };
+template <> struct UintOf<2> { using type = uint16_t; };
+template <> struct UintOf<4> { using type = uint32_t; };
+template <> struct UintOf<8> { using type = uint64_t; };
+
+// N flag bytes at p (N-byte aligned) as one integer, byte t in bits 8t..8t+7.
+template <int N>
+__device__ __forceinline__ typename UintOf<N>::type load_flags(const uint8_t* p) {
+  return load_pack<1>(reinterpret_cast<const typename UintOf<N>::type*>(p)).v[0];
+}
+
 // The sum of every thread's v over a block of N threads (N a power of two) in a fixed order
 // (deterministic): a tree over the shared array part [N]. Every thread of the block calls it;
 // every thread gets the sum.

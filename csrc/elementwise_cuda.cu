@@ -17,42 +17,86 @@ __device__ A warp_sum(A v) {
   return v;
 }
 
-// R threads per row: 32 (a warp) or kBlock (the whole block).
 template <DType ZT>
 using AccOf = typename DevConv<typename DevStorage<ZT>::type>::A;
 
-template <DType ZT, ElemKind K, int R>
-__global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a, ElemCoef<AccOf<ZT>> c) {
-  using S = typename DevStorage<ZT>::type;
+// One (row, label) pair at offset o, label j: writes its loss (loss_el) and gradient (grad)
+// to le and ge, returns its loss (0 when ignored) for the row sum.
+template <ElemKind K, class S, class A>
+__device__ __forceinline__ A one_pair(const ElemArgs& a, const ElemCoef<A>& c, int64_t j,
+                                      S zv, bool y, bool skip, S& le, S& ge) {
   using Tr = DevConv<S>;
-  using A = typename Tr::A;
-  constexpr int kRowsPerBlock = kBlock / R;
-  __shared__ A partial[kBlock / 32];
-  const S* z = static_cast<const S*>(a.z);
   const A* wt = static_cast<const A*>(a.weight);
   const A* pw = static_cast<const A*>(a.pos_weight);
+  const A w = wt ? wt[j] : A(1);
+  const A ap = (pw ? w * pw[j] : w) * c.alpha_pos;
+  A l, gr;
+  elem_loss_grad<K>(Tr::load(zv), y, y ? ap : w * c.alpha_neg, c, l, gr);
+  l = skip ? A(0) : l;
+  le = Tr::store(l);
+  ge = Tr::store(skip ? A(0) : gr * A(a.grad_scale));
+  return l;
+}
+
+// R threads per row: 32 (a warp) or kBlock (the whole block). V > 1: the row in packs of V
+// elements (16 bytes of z, V flag bytes), kUnroll packs per thread and step, with a head
+// (up to the first pack boundary of the flattened [B, C] array) and a tail of single
+// elements: scalar 2-byte loads left too few bytes in flight per SM to keep HBM busy. V = 1
+// (some pointer not aligned to its pack): element by element. Row sums in a fixed order
+// for given B, C and V: deterministic.
+template <DType ZT, ElemKind K, int R, int V>
+__global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a, ElemCoef<AccOf<ZT>> c) {
+  using S = typename DevStorage<ZT>::type;
+  using A = AccOf<ZT>;
+  using Flags = typename UintOf<V>::type;
+  constexpr int kRowsPerBlock = kBlock / R;
+  constexpr int kUnroll = V > 1 ? 2 : 1;
+  __shared__ A partial[kBlock / 32];
+  const S* z = static_cast<const S*>(a.z);
   A* rows = static_cast<A*>(a.loss_rows);
   S* lel = static_cast<S*>(a.loss_el);
   S* g = static_cast<S*>(a.grad);
-  const A gscale = A(a.grad_scale);
   const int lane = threadIdx.x % R;
   // With R == kBlock every thread sees the same i, so the loop exit and the
   // __syncthreads below are block-uniform.
   for (int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / R; i < a.B;
        i += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int64_t o0 = i * a.C;
+    const int64_t h0 = (V - o0 % V) % V;
+    const int64_t h = h0 < a.C ? h0 : a.C;  // head: single elements up to a pack boundary
+    const int64_t n = (a.C - h) / V;         // whole packs
     A sum = A(0);
-    for (int64_t j = lane; j < a.C; j += R) {
-      const int64_t o = i * a.C + j;
-      const bool y = a.pos[o] != 0;
-      const A w = wt ? wt[j] : A(1);
-      const A ap = (pw ? w * pw[j] : w) * c.alpha_pos;
-      A l, gr;
-      elem_loss_grad<K>(Tr::load(z[o]), y, y ? ap : w * c.alpha_neg, c, l, gr);
-      const bool skip = a.ign && a.ign[o];
-      l = skip ? A(0) : l;
-      if (lel) lel[o] = Tr::store(l);
-      if (g) g[o] = Tr::store(skip ? A(0) : gr * gscale);
-      sum += l;
+    for (int64_t q0 = lane; q0 < n; q0 += int64_t(R) * kUnroll) {
+      Pack<V, S> zv[kUnroll];
+      Flags pv[kUnroll], iv[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // every load before any store (grad may be z)
+        const int64_t q = q0 + int64_t(u) * R, o = o0 + h + q * V;
+        if (q < n) {
+          zv[u] = load_pack<V>(z + o);
+          pv[u] = load_flags<V>(a.pos + o);
+          iv[u] = a.ign ? load_flags<V>(a.ign + o) : Flags(0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t q = q0 + int64_t(u) * R, o = o0 + h + q * V;
+        if (q >= n) break;
+        Pack<V, S> lv, gv;
+#pragma unroll
+        for (int t = 0; t < V; ++t)
+          sum += one_pair<K>(a, c, h + q * V + t, zv[u].v[t], ((pv[u] >> (8 * t)) & 0xff) != 0,
+                             ((iv[u] >> (8 * t)) & 0xff) != 0, lv.v[t], gv.v[t]);
+        if (lel) store_pack(lel + o, lv);
+        if (g) store_pack(g + o, gv);
+      }
+    }
+    for (int64_t e = lane; e < a.C - n * V; e += R) {  // the head, then the tail
+      const int64_t j = e < h ? e : h + n * V + (e - h), o = o0 + j;
+      S le, ge;
+      sum += one_pair<K>(a, c, j, z[o], a.pos[o] != 0, a.ign && a.ign[o], le, ge);
+      if (lel) lel[o] = le;
+      if (g) g[o] = ge;
     }
     sum = warp_sum(sum);
     if (R > 32) {
@@ -82,6 +126,13 @@ __global__ void __launch_bounds__(kBlock) total_kernel(const A* __restrict__ row
   if (threadIdx.x == 0) *total = s * scale;
 }
 
+// Whether the [B, C] arrays can move in packs of V elements: z and the outputs 16-byte
+// aligned, the flag bytes V-byte aligned (then a pack boundary of z is one of them all).
+inline bool packs_aligned(const ElemArgs& a, int V) {
+  auto at = [](const void* p, int n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
+  return at(a.z, 16) && at(a.loss_el, 16) && at(a.grad, 16) && at(a.pos, V) && at(a.ign, V);
+}
+
 template <DType ZT, ElemKind K>
 cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
   int dev = 0;
@@ -94,10 +145,17 @@ cudaError_t launch(const ElemArgs& a, cudaStream_t stream) {
   const int64_t rows_per_block = long_rows ? 1 : kBlock / 32;
   const int64_t want = (a.B + rows_per_block - 1) / rows_per_block;
   const int grid = int(want < int64_t(sms) * 16 ? want : int64_t(sms) * 16);
-  if (long_rows)
-    launch_kernel(elementwise_kernel<ZT, K, kBlock>, grid, kBlock, 0, stream, a, c);
-  else
-    launch_kernel(elementwise_kernel<ZT, K, 32>, grid, kBlock, 0, stream, a, c);
+  constexpr int V = 16 / int(sizeof(typename DevStorage<ZT>::type));
+  if (packs_aligned(a, V)) {
+    if (long_rows)
+      launch_kernel(elementwise_kernel<ZT, K, kBlock, V>, grid, kBlock, 0, stream, a, c);
+    else
+      launch_kernel(elementwise_kernel<ZT, K, 32, V>, grid, kBlock, 0, stream, a, c);
+  } else if (long_rows) {
+    launch_kernel(elementwise_kernel<ZT, K, kBlock, 1>, grid, kBlock, 0, stream, a, c);
+  } else {
+    launch_kernel(elementwise_kernel<ZT, K, 32, 1>, grid, kBlock, 0, stream, a, c);
+  }
   if (a.loss_total) {
     using A = AccOf<ZT>;
     launch_kernel(total_kernel<A>, 1, kBlock, 0, stream, static_cast<const A*>(a.loss_rows),

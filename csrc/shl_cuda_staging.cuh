@@ -8,16 +8,6 @@
 namespace shl {
 namespace {
 
-template <int N, class T>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, class T>
-__device__ __forceinline__ Pack<N, T> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<N, T>*>(p);
-}
-
 // Staging moves z and grad as raw bits (trivial types: the packs stay in registers).
 template <int Bytes> struct BitsOf;
 template <> struct BitsOf<2> { using type = uint16_t; };
@@ -51,12 +41,6 @@ template <> struct NegInfBits<float> { static constexpr uint32_t v = 0xff800000u
 template <> struct NegInfBits<double> { static constexpr uint64_t v = 0xfff0000000000000ull; };
 template <> struct NegInfBits<__half> { static constexpr uint16_t v = 0xfc00u; };
 template <> struct NegInfBits<__nv_bfloat16> { static constexpr uint16_t v = 0xff80u; };
-
-template <int N> struct UintOf;
-template <> struct UintOf<1> { using type = uint8_t; };
-template <> struct UintOf<2> { using type = uint16_t; };
-template <> struct UintOf<4> { using type = uint32_t; };
-template <> struct UintOf<8> { using type = uint64_t; };
 
 // Which positions a staging pass takes: all (a whole row; no test in the loops, which keep
 // the registers they had) or those of a window [lo, lo + L).
@@ -198,8 +182,8 @@ __device__ __forceinline__ void stage_row(const Params<T, A>& P, const Pos* posi
       const int64_t c = int64_t(q0 + j * NT) * V;
       if (q0 + j * NT < n) {
         zv[j] = load_pack<V>(z + base + c);
-        pv[j] = *reinterpret_cast<const Flags*>(P.pos + base + c);
-        iv[j] = P.ign ? *reinterpret_cast<const Flags*>(P.ign + base + c) : Flags(0);
+        pv[j] = load_flags<V>(P.pos + base + c);
+        iv[j] = P.ign ? load_flags<V>(P.ign + base + c) : Flags(0);
         if (position) xv[j] = load_pack<V>(position + c);
       }
     }
@@ -249,9 +233,9 @@ __device__ __forceinline__ void unstage_row(const Params<T, A>& P, const Pos* po
       const int q = q0 + j * NT;
       Bits<T>* g = grad + base + r.h + int64_t(q) * V;
       if constexpr (Keep::kAll) {
-        if (q < r.end) *reinterpret_cast<Pack<V, Bits<T>>*>(g) = gv[j];
+        if (q < r.end) store_pack(g, gv[j]);
       } else if (in[j] == (1u << V) - 1) {
-        *reinterpret_cast<Pack<V, Bits<T>>*>(g) = gv[j];
+        store_pack(g, gv[j]);
       } else if (in[j]) {
 #pragma unroll
         for (int t = 0; t < V; ++t)

@@ -105,6 +105,16 @@ struct PendingCopy {
 inline thread_local std::vector<PendingCopy> tl_pending;
 inline thread_local uint64_t tl_groups = 0;  // groups committed so far
 
+// A vector access of `bytes` bytes (a Pack) at p: a GPU raises a misaligned-address error
+// where p is not a multiple of them; x86 would not notice.
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes) {
+    std::fprintf(stderr, "CUDA emulation: %zu-byte vector access at a misaligned address\n",
+                 bytes);
+    std::abort();
+  }
+}
+
 template <int N>
 void async_copy(void* smem, const void* gmem) {
   static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
