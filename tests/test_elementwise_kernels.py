@@ -140,6 +140,29 @@ def test_fused_matches_torch(backend, dtype, name, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [1, 3])
+def test_unaligned_logits_and_targets(backend, dtype, offset):
+    """Logits and targets starting a few elements into their storage (views of a larger
+    buffer: a model's output sliced): the GPU kernels' 16-byte packs need aligned arrays and
+    must fall back, not fault or misread."""
+    dev = _device(backend)
+    B, C = (4, 37) if backend == "triton" and not HAS_CUDA else (6, 1029)
+    z, y, ign, w, pw, counts, _ = _inputs(B, C, dtype, dev, 5)
+
+    def shifted(t):
+        out = torch.empty(t.numel() + offset, dtype=t.dtype, device=dev)[offset:]
+        return out.view(t.shape).copy_(t)
+
+    z1, y1, ign1 = shifted(z), shifted(y), shifted(ign)
+    assert z1.data_ptr() % 16 and y1.data_ptr() % 4
+    ref = _run("bce", z, y, ign, w, pw, counts, None, "sum", "torch")
+    out = _run("bce", z1, y1, ign1, w, pw, counts, None, "sum", backend)
+    for got, want in zip(out, ref, strict=True):
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kw", [{"gamma_pos": 0.5, "gamma_neg": 1.5, "clip": 0.05},
                                 {"gamma_pos": 0.25, "gamma_neg": 0.5, "clip": 0.0},
