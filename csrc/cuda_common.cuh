@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstring>
 #include <utility>
 
 #include "dtype.h"
@@ -76,10 +77,24 @@ __device__ __forceinline__ Pack<N, T> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<N, T>*>(p);
 }
 
+// In global memory. 16-byte packs go out as one vector store written in PTX: assigning the
+// struct (or a uint4 of it) let nvcc 13.0 split the store of gathered values into 2- or
+// 4-byte stores (the staged SHL kernel's unstaging: eight stores per pack where one writes
+// whole sectors).
 template <int N, class T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<N, T>& v) {
 #ifdef SHL_CUDA_EMULATION
   shl_emu::check_aligned(p, sizeof(Pack<N, T>));
+#endif
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(Pack<N, T>) == 16) {
+    uint4 w;
+    memcpy(&w, &v, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y),
+                 "r"(w.z), "r"(w.w)
+                 : "memory");
+    return;
+  }
 #endif
   *reinterpret_cast<Pack<N, T>*>(p) = v;
 }

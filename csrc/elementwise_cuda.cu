@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kBlock) elementwise_kernel(ElemArgs a, ElemCoe
   using A = AccOf<ZT>;
   using Flags = typename UintOf<V>::type;
   constexpr int kRowsPerBlock = kBlock / R;
-  constexpr int kUnroll = V > 1 ? 2 : 1;
+  constexpr int kUnroll = V > 1 && R > 32 ? 2 : 1;
   __shared__ A partial[kBlock / 32];
   const S* z = static_cast<const S*>(a.z);
   A* rows = static_cast<A*>(a.loss_rows);

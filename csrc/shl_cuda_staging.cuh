@@ -64,18 +64,22 @@ template <int V, class T, class Flags, class Pos, class Keep>
 __device__ __forceinline__ void scatter_pack(const Pack<V, Bits<T>>& zv, Flags pv, Flags iv,
                                              const Pack<V, Pos>& xv, bool mapped, int c0,
                                              const Keep& keep, Bits<T>* zs, uint32_t* pos_bits) {
-  const bool flagged = (pv | iv) != 0;
+  if ((pv | iv) == 0) {  // two loops: one with the flag tests per element took ~18
+                         // instructions per element (SASS), this one ~4
+#pragma unroll
+    for (int t = 0; t < V; ++t) {
+      const int p = mapped ? int(xv.v[t]) : c0 + t;
+      if (keep(p)) zs[p] = zv.v[t];
+    }
+    return;
+  }
 #pragma unroll
   for (int t = 0; t < V; ++t) {
     const int p = mapped ? int(xv.v[t]) : c0 + t;
     if (!keep(p)) continue;
-    Bits<T> bits = zv.v[t];
-    if (flagged) {
-      const bool ign = (iv >> (8 * t)) & 0xff, pos = (pv >> (8 * t)) & 0xff;
-      if (ign || pos) bits = NegInfBits<T>::v;
-      if (pos && !ign) atomicOr(pos_bits + (p >> 5), 1u << (p & 31));
-    }
-    zs[p] = bits;
+    const bool ign = (iv >> (8 * t)) & 0xff, pos = (pv >> (8 * t)) & 0xff;
+    if (pos && !ign) atomicOr(pos_bits + (p >> 5), 1u << (p & 31));
+    zs[p] = ign || pos ? Bits<T>(NegInfBits<T>::v) : zv.v[t];
   }
 }
 

@@ -1,6 +1,7 @@
-"""Static resources of the CUDA SHL kernels from ptxas (runs wherever nvcc is, no GPU): the
-per-element loops must not spill, and a bf16 row of 32768 labels must leave two staged blocks
-of 512 threads (three of 256) resident per SM. Fails when a change to
+"""Static resources of the CUDA kernels from ptxas (runs wherever nvcc is, no GPU): the
+per-element loops must not spill, a bf16 row of 32768 labels must leave two staged blocks
+of 512 threads (three of 256) resident per SM, and (where nvdisasm is) the kernels that move
+16-byte packs must store them 16 bytes at a time in their SASS. Fails when a change to
 csrc/shl_cuda.cu pushes ptxas past its 64 registers; benchmarks/cuda_resources.py shows all."""
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ def report():
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
-    return mod, {k.name: k for k in mod.ptxas_report(ROOT / "csrc" / "shl_cuda.cu", "90")}
+    kernels = {}
+    for source in ("shl_cuda.cu", "elementwise_cuda.cu"):
+        kernels.update({k.name: k for k in mod.ptxas_report(ROOT / "csrc" / source, "90")})
+    return mod, kernels
 
 
 def test_every_kernel_reported(report):
@@ -51,3 +55,17 @@ def test_staged_bf16_blocks_per_sm(report):
             blocks, dyn = mod.staged_blocks_per_sm(k, 32768)
             assert dyn == 32768 * 2 + (32768 + 31 + 127) // 128 * 16  # z, bitmask
             assert blocks == want, (threads, schedule, k.registers, k.static_smem)
+
+
+def test_packed_kernels_store_16_bytes_at_once(report):
+    """The kernels that move rows in 16-byte packs (staged SHL: the gradient's way back;
+    BCE/focal/ASL: loss and gradient) have 16-byte global stores in their SASS: nvcc 13.0 had
+    turned the staged kernel's pack stores into eight 2-byte stores each."""
+    mod, kernels = report
+    if mod.nvdisasm() is None:
+        pytest.skip("needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
+    packed = {name: k for name, k in kernels.items()
+              if "V=" in name and "V=1," not in name and "V=1>" not in name}
+    assert len(packed) == 4 * 5 + 4 * 3 * 2  # staged: 5 per dtype; elementwise: kind x R
+    narrow = {name: k.stores for name, k in packed.items() if not k.stores.get("STG.E.128")}
+    assert not narrow, f"no 16-byte store (global stores by opcode): {narrow}"
