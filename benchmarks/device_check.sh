@@ -119,8 +119,9 @@ TAIL=15 step kernel_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST
 # Kernel-only time and bandwidth of every SHL kernel (CUDA staged with the flat schedule at
 # 512 and 256 threads, with plain loads instead of cp.async, with the group schedule
 # (block-wide segments from 1024 labels, the default; off; from 2048), unstaged; Triton's
-# window schedule and its staged kernel), in shuffled and in segment order, against the
-# copy bandwidth, at 100 and 1000 segments, at C=8922 (not a multiple of 8: rows with a
+# window schedule and its staged kernel; `cuda staging only`: rows staged and unstaged
+# without the passes, the floor of the staged design), in shuffled and in segment order,
+# against the copy bandwidth, at 100 and 1000 segments, at C=8922 (not a multiple of 8: rows with a
 # head and a tail) and at B=16, with `cuda windows/2` (rows that fit staged in windows of
 # about half a row: what a window pass costs). (It measures the device copy bandwidth
 # first.)

@@ -57,8 +57,9 @@ def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
     in windows of about half of it: what a window costs; rows larger than shared memory:
     "cuda windows/100KB", windows of at most 100 KB, two blocks per SM, against the default's
     largest windows at one block per SM), "cuda staged/256t" (blocks of 256
-    threads: three rows per SM), "cuda staged/sync" (plain loads), "cuda groups" (the group
-    schedule), "cuda groups/B" (segments of >= B labels block-wide; "off": never), "triton"
+    threads: three rows per SM), "cuda staged/sync" (plain loads), "cuda staging only" (rows
+    staged and unstaged, not computed: the time of the way in and out, a floor for the
+    staged kernel; wrong results), "cuda groups" (the group schedule), "cuda groups/B" (segments of >= B labels block-wide; "off": never), "triton"
     (programs per window of segment positions), "triton staged" (shuffled rows staged on chip,
     triton_staged.py; segment order or rows too large: as "triton"): for choosing these on
     the device."""
@@ -76,6 +77,9 @@ def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
                                           staged_threads=256)
         out["cuda staged/sync"] = partial(shl_fused_cuda, staged=True, flat=True,
                                           async_staging=False)
+        # the floor of the staged design: rows in and out, nothing computed (wrong results)
+        out["cuda staging only"] = partial(shl_fused_cuda, staged=True, flat=True,
+                                           staging_only=True)
         out["cuda groups"] = partial(shl_fused_cuda, staged=True, flat=False)
         for b in block_mins:
             out[f"cuda groups/{'off' if b >= 1 << 40 else b}"] = partial(

@@ -52,6 +52,10 @@ struct ShlArgs {
   // two packs ahead per thread and the next row's first packs during the current row's
   // work, where shared memory has room (1, default), or with plain loads (0).
   int cuda_async_staging = 1;
+  // CUDA only, a benchmark probe (benchmarks/kernel_bandwidth.py), never for training: the
+  // staged kernel stages and unstages every row without computing it (loss and grad_eta
+  // rows 0, grad the staged bits: garbage), which times the row's way in and out alone.
+  int cuda_staging_only = 0;
   // Optional: the reductions a "mean"/"sum" loss needs (deterministic, fixed order; CUDA:
   // by a second launch on the same stream), so that no torch op follows the kernel:
   // loss_total (0-dim acc) = sum of loss over rows; grad_eta_total ([m] acc, needs

@@ -154,7 +154,12 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
       }
       __syncthreads();
       const StagedRow<T, A> R{P, zw, bw, base};
-      if constexpr (Flat) {
+      if (P.staging_only) {  // the benchmark probe: the row's way in and out alone
+        if (P.grad_eta && w == 0)
+          for (int j = threadIdx.x; j < P.m; j += NT) P.grad_eta[row * P.m + j] = A(0);
+        if (w + 1 == passes) store_row_loss<NT>(P, row, A(0), &scratch);
+        else __syncthreads();
+      } else if constexpr (Flat) {
         acc += row_loss_flat<NT>(P, R, row, W, range,
                                  Windowed ? stats_after<T, A>(zs, L) : row_stats, &flat);
         if (w + 1 == passes) store_row_loss<NT>(P, row, acc, &scratch);
@@ -390,6 +395,7 @@ cudaError_t launch(const ShlArgs& a, cudaStream_t stream) {
   P.m = a.m;
   P.scale = static_cast<A>(a.grad_scale);
   P.block_min = a.cuda_block_min;
+  P.staging_only = a.cuda_staging_only;
   P.ring_offset = -1;
   P.n_windows = 1;  // the whole row
   P.window_labels = static_cast<int>(std::min<int64_t>(a.C, INT_MAX));

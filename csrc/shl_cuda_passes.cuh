@@ -47,6 +47,7 @@ struct Params {
   // window_labels: the longest window's labels (the bitmask has room for them).
   int n_windows, window_labels;
   int bits_offset;  // staged: where the bitmask is in dynamic shared memory
+  int staging_only;  // ShlArgs::cuda_staging_only
   int32_t windows[kMaxWindows + 1];
 };
 

@@ -30,7 +30,7 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
            const py::object& schedule, int64_t block_min, int staged_threads, bool flat,
            bool async_staging, const py::object& loss_total,
            const py::object& grad_eta_total, const py::object& offsets_host,
-           int64_t window_bytes) {
+           int64_t window_bytes, bool staging_only) {
   if (window_bytes < 0)
     throw py::value_error("window_bytes: expected 0 (all the device allows) or a byte count > 0");
   if (block_min < -1)
@@ -72,6 +72,7 @@ void fused(const py::object& z, const py::object& pos, const py::object& ign, co
     a.offsets_host = hv.ptr<const int64_t>();
   }
   a.cuda_window_bytes = window_bytes;
+  a.cuda_staging_only = staging_only ? 1 : 0;
   if (!schedule.is_none())
     a.schedule = detail::arg(schedule, "schedule", zv, false, DType::kI32, "int32", {a.m})
                      .ptr<const int32_t>();
@@ -94,7 +95,7 @@ void register_cuda(py::module_& m) {
         py::arg("staged_threads") = 0, py::arg("flat") = true, py::arg("async_staging") = true,
         py::arg("loss_total") = py::none(),
         py::arg("grad_eta_total") = py::none(), py::arg("offsets_host") = py::none(),
-        py::arg("window_bytes") = 0,
+        py::arg("window_bytes") = 0, py::arg("staging_only") = false,
         "Fused SHL loss rows and gradients on CUDA (contract: csrc/shl_args.h); tensors as DLPack "
         "capsules, stream the cudaStream_t as an int; enqueued on that stream, not synchronised. "
         "position (int32 [C], the inverse of order) lets rows that fit shared memory be staged "

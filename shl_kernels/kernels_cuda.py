@@ -63,7 +63,7 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
                    reduce: bool = False, staged: bool | None = None,
                    block_min: int | None = None, staged_threads: int | None = None,
                    flat: bool | None = None, async_staging: bool | None = None,
-                   window_bytes: int = 0,
+                   window_bytes: int = 0, staging_only: bool = False,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """FusedKernel on CUDA tensors (see fused.FusedKernel); runs on z's current stream.
     reduce: return the loss summed over rows (0-dim) and grad_eta summed over rows ([m]),
@@ -74,7 +74,9 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
     flat: the flat schedule of staged rows (default `FLAT`), else the group schedule, which
     block_min tunes; async_staging: copy staged rows in with cp.async where shared memory has
     room (default `ASYNC_STAGING`); window_bytes: at most this many bytes of shared memory for
-    a staged row or window (0: as the device allows; less makes rows take windows, tests).
+    a staged row or window (0: as the device allows; less makes rows take windows, tests);
+    staging_only: a benchmark probe, wrong results (see ShlArgs::cuda_staging_only in
+    csrc/shl_args.h): staged rows go in and out without being computed.
     Rows too large for shared memory are staged in windows of whole segments with the flat
     schedule (shuffled labels: the row read once per window; segment order: once in all),
     else (a segment alone too large, or more than 64 windows) gathered by the unstaged
@@ -102,7 +104,7 @@ def shl_fused_cuda(z: torch.Tensor, pos: torch.Tensor, ign: torch.Tensor | None,
         async_staging, c(total), c(geta_total),
         c(host_offsets(offsets)) if staged and (
             window_bytes or z.shape[1] * z.element_size() > WINDOWLESS_ROW_BYTES) else None,
-        window_bytes)
+        window_bytes, staging_only)
     if reduce:
         return total, grad, geta_total
     return loss, grad, grad_eta

@@ -74,7 +74,7 @@ def lib(tmp_path_factory):
     so.shl_emulated_fused.argtypes = [p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, p, p,
                                       ctypes.c_double, p, p, p, p, ctypes.c_int, ctypes.c_int,
                                       p, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p,
-                                      ctypes.c_int, i64]
+                                      ctypes.c_int, i64, ctypes.c_int]
     d = ctypes.c_double
     so.emulated_take_max_smem.restype = ctypes.c_int64
     so.targets_emulated_to_mask.restype = ctypes.c_char_p
@@ -94,7 +94,7 @@ def _ptr(t: torch.Tensor | None):
 def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, need_grad_eta,
                     grad_out=None, *, reduce=False, staged=True, block_min=-1, staged_threads=0,
                     flat=True, position_bits=None, async_staging=True, window_bytes=0,
-                    windows=True):
+                    windows=True, staging_only=False):
     """fused.FusedKernel over the emulated CUDA kernel (CPU tensors standing in for device
     memory); the same extra arguments as kernels_cuda.shl_fused_cuda (window_bytes="tight":
     tight_window_bytes), and windows=False to withhold the host offsets (no windows)."""
@@ -117,7 +117,8 @@ def emulated_kernel(so, z, pos, ign, order, offsets, w, eta, delta, grad_scale, 
         float(grad_scale), _ptr(loss), _ptr(grad), _ptr(grad_eta), _ptr(position),
         0 if position is None else 8 * position.element_size(), int(staged),
         _ptr(segment_schedule(offsets)), block_min, staged_threads, int(flat),
-        int(async_staging), _ptr(total), _ptr(geta_total), int(windows), window_bytes)
+        int(async_staging), _ptr(total), _ptr(geta_total), int(windows), window_bytes,
+        int(staging_only))
     if err:
         raise RuntimeError(err.decode())
     return (total, grad, geta_total) if reduce else (loss, grad, grad_eta)
@@ -456,6 +457,21 @@ def test_elementwise_matches_cpu_kernel(lib, loss, dtype, shape, offset):
     for got, want in zip(out["cuda"], out["cpu"], strict=True):
         assert not got.isnan().any()
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", ["staged", "windows"])
+def test_staging_only_probe(lib, kernel):
+    """staging_only (kernel_bandwidth's floor of a staged row's way in and out): rows staged and
+    unstaged without being computed: the gradient is the logits, with -inf at the positives
+    and ignored labels (what staging writes there), loss and eta-gradient rows 0."""
+    p = _problem(SIZES + [1100], 5, torch.bfloat16, seed=21)
+    loss, grad, geta = emulated_kernel(lib, p.z, p.pos.to(torch.uint8), p.ign.to(torch.uint8),
+                                       p.seg.order, p.seg.offsets, p.w, p.eta, None, 1.0, True,
+                                       staging_only=True, **KERNELS[kernel])
+    want = p.z.masked_fill(p.pos | p.ign, float("-inf"))
+    assert torch.equal(grad, want)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(geta, torch.zeros_like(geta))
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

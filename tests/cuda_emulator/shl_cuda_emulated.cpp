@@ -14,7 +14,7 @@ extern "C" const char* shl_emulated_fused(
     const void* eta, const void* delta, double grad_scale, void* loss, void* grad,
     void* grad_eta, const void* position, int position_bits, int staged, const int32_t* schedule,
     int64_t block_min, int staged_threads, int flat, int async_staging, void* loss_total,
-    void* grad_eta_total, int windows, int64_t window_bytes) {
+    void* grad_eta_total, int windows, int64_t window_bytes, int staging_only) {
   shl::ShlArgs a;
   a.z = z;
   a.z_dtype = static_cast<shl::DType>(z_dtype);
@@ -44,6 +44,7 @@ extern "C" const char* shl_emulated_fused(
   a.grad_eta_total = grad_eta_total;
   a.offsets_host = windows ? offsets : nullptr;  // host memory here
   a.cuda_window_bytes = window_bytes;
+  a.cuda_staging_only = staging_only;
   a.device = 0;
   return shl::shl_fused_cuda(a, nullptr);
 }
