@@ -20,8 +20,8 @@ __device__ A warp_sum(A v) {
 template <DType ZT>
 using AccOf = typename DevConv<typename DevStorage<ZT>::type>::A;
 
-// One (row, label) pair at offset o, label j: writes its loss (loss_el) and gradient (grad)
-// to le and ge, returns its loss (0 when ignored) for the row sum.
+// One (row, label) pair, label j, logit zv: its loss and gradient (as stored: loss_el,
+// grad) into le and ge; returns its loss (0 when ignored) for the row sum.
 template <ElemKind K, class S, class A>
 __device__ __forceinline__ A one_pair(const ElemArgs& a, const ElemCoef<A>& c, int64_t j,
                                       S zv, bool y, bool skip, S& le, S& ge) {
@@ -39,7 +39,8 @@ __device__ __forceinline__ A one_pair(const ElemArgs& a, const ElemCoef<A>& c, i
 }
 
 // R threads per row: 32 (a warp) or kBlock (the whole block). V > 1: the row in packs of V
-// elements (16 bytes of z, V flag bytes), kUnroll packs per thread and step, with a head
+// elements (16 bytes of z, V flag bytes), kUnroll packs per thread and step (two on long
+// rows; one per lane on a warp's rows, where two spilled registers), with a head
 // (up to the first pack boundary of the flattened [B, C] array) and a tail of single
 // elements: scalar 2-byte loads left too few bytes in flight per SM to keep HBM busy. V = 1
 // (some pointer not aligned to its pack): element by element. Row sums in a fixed order
