@@ -210,14 +210,14 @@ __device__ A row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, int6
   // Pass 3, one loop over the range as pass 1; each piece's positives once it is written.
   if (r.a < r.b) {
     int k = r.k0, s1 = offset(k + 1), ps = r.a;
-    Closed<A> c = stats[k - W.k0];
+    Closed<A> c = scaled_for_gradients(stats[k - W.k0], P.scale);
 #pragma unroll 4
     for (int p = r.a; p < r.b; ++p) {
       if (p == s1) {
         positive_gradients(R, ps, p, 0, 1, c);
         do ++k; while (offset(k + 1) <= p);
         s1 = offset(k + 1), ps = p;
-        c = stats[k - W.k0];
+        c = scaled_for_gradients(stats[k - W.k0], P.scale);
       }
       gradient_one(R, p, c);
     }

@@ -89,9 +89,10 @@ __device__ __forceinline__ void merge(A& M, A& s, A M2, A s2) {
 
 // Where segment position p of one row lives. Both views give the same four things:
 // get(p) -> Elem (ignored / positive), u(p, e) = z + delta (only read where needed),
-// weight(p, e), put(p, e, g) (stores grad_scale * g); and Index, the type of positions and
-// segment ids: 64-bit in global memory, 32-bit for a staged row (C < 2^31 there), which
-// halves the index arithmetic and the registers it holds in the per-element loops.
+// weight(p, e), put(p, e, g) (stores g, already times grad_scale); and Index, the type of
+// positions and segment ids: 64-bit in global memory, 32-bit for a staged row (C < 2^31
+// there), which halves the index arithmetic and the registers it holds in the per-element
+// loops.
 struct Elem {
   bool ign, pos;
   int64_t id;  // original label id (GlobalRow only; StagedRow looks it up when needed)
@@ -121,7 +122,7 @@ struct GlobalRow {
   }
   __device__ __forceinline__ A positive_u(int64_t p) const { return u(p, get(p)); }
   __device__ __forceinline__ void put(int64_t, const Elem& e, A g) const {
-    P.grad[base + e.id] = DevConv<T>::store(g * P.scale);
+    P.grad[base + e.id] = DevConv<T>::store(g);
   }
 };
 
@@ -175,7 +176,7 @@ struct StagedRow {
     return P.w ? P.w[id(p)] : A(1);
   }
   __device__ __forceinline__ void put(int p, const Elem&, A g) const {
-    zs[p] = DevConv<T>::store(g * P.scale);
+    zs[p] = DevConv<T>::store(g);
   }
 };
 
@@ -404,15 +405,25 @@ __device__ Closed<A> close_segment(const Params<T, A>& P, const Row& R, int64_t 
   return Closed<A>{M, Aden, S, loss};
 }
 
-// Pass 3 of one position p: its gradient (negatives: exp(u - M) * S; positives:
-// -w_p * A / D_p; ignored: 0), read before it is written, by the same thread: grad may alias z.
+// What pass 3 takes from a closed segment: S times grad_scale, so that a negative's
+// gradient is one multiply (the compiler did not hoist S * scale out of the flat schedule's
+// loop, where the segment changes inside it).
+template <class A>
+__device__ __forceinline__ Closed<A> scaled_for_gradients(Closed<A> c, A scale) {
+  c.S *= scale;
+  return c;
+}
+
+// Pass 3 of one position p: its gradient times grad_scale (negatives: exp(u - M) * S;
+// positives: -w_p * A / D_p; ignored: 0; c from scaled_for_gradients), read before it is
+// written, by the same thread: grad may alias z.
 template <class A, class Row, class I>
 __device__ __forceinline__ void gradient_one(const Row& R, I p, const Closed<A>& c) {
   const Elem e = R.get(p);
   A gr = 0;
   if (!e.ign) {
     const A u = R.u(p, e), ex = exp_(u - c.M);
-    gr = e.pos ? -R.weight(p, e) * c.Aden / (c.Aden + ex) : ex * c.S;
+    gr = e.pos ? -R.weight(p, e) * c.Aden / (c.Aden + ex) * R.P.scale : ex * c.S;
     // Staged rows: ignored labels and positives hold -inf: exactly 0 (also when S is NaN)
     if constexpr (Row::kSparse) gr = u == neg_inf<A>() ? A(0) : gr;
   }
@@ -426,7 +437,7 @@ __device__ __forceinline__ void positive_gradients(const Row& R, I p0, I p1, int
                                                    int stride, const Closed<A>& c) {
   R.for_positives(p0, p1, first, stride, [&](int p) {
     const A ex = exp_(R.positive_u(p) - c.M);
-    R.put(p, Elem{}, -R.weight(p, Elem{}) * c.Aden / (c.Aden + ex));
+    R.put(p, Elem{}, -R.weight(p, Elem{}) * c.Aden / (c.Aden + ex) * R.P.scale);
   });
 }
 
@@ -434,7 +445,8 @@ __device__ __forceinline__ void positive_gradients(const Row& R, I p0, I p1, int
 // group's writes (staged rows write the positives' gradients over the zeros just written).
 template <int kUnroll, class A, class Row, class I, class Sync>
 __device__ __forceinline__ void write_gradients(const Row& R, I p0, I p1, int first, int stride,
-                                                const Closed<A>& c, Sync&& sync) {
+                                                const Closed<A>& closed, Sync&& sync) {
+  const Closed<A> c = scaled_for_gradients(closed, R.P.scale);
 #pragma unroll kUnroll
   for (I p = p0 + first; p < p1; p += stride) gradient_one(R, p, c);
   if constexpr (Row::kSparse) {
