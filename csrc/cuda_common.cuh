@@ -68,6 +68,12 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// Whether p is a multiple of n bytes (host side: may a kernel move packs there); null counts
+// as aligned.
+inline bool aligned(const void* p, int64_t n) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(n) == 0;
+}
+
 // Pack accesses at p (a multiple of the pack's size: the emulator checks it, as a GPU would).
 template <int N, class T>
 __device__ __forceinline__ Pack<N, T> load_pack(const T* p) {

@@ -130,8 +130,8 @@ __global__ void __launch_bounds__(kBlock) total_kernel(const A* __restrict__ row
 // Whether the [B, C] arrays can move in packs of V elements: z and the outputs 16-byte
 // aligned, the flag bytes V-byte aligned (then a pack boundary of z is one of them all).
 inline bool packs_aligned(const ElemArgs& a, int V) {
-  auto at = [](const void* p, int n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
-  return at(a.z, 16) && at(a.loss_el, 16) && at(a.grad, 16) && at(a.pos, V) && at(a.ign, V);
+  return aligned(a.z, 16) && aligned(a.loss_el, 16) && aligned(a.grad, 16) &&
+         aligned(a.pos, V) && aligned(a.ign, V);
 }
 
 template <DType ZT, ElemKind K>

@@ -298,10 +298,6 @@ int with_ring(Params<T, A>& P, int bytes, int threads, unsigned* grid) {
   }
 }
 
-inline bool aligned(const void* p, int64_t n) {
-  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(n) == 0;  // null is aligned
-}
-
 // Lets shl_staged_kernel<V, NT, Flat, Windowed, T, A> take `bytes` of dynamic shared
 // memory: above 48 KiB a kernel must opt in; the carveout hint asks for the largest
 // shared-memory split so that two blocks fit per SM (the driver may otherwise pick a split
