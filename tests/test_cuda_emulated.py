@@ -27,6 +27,7 @@ from test_cuda_kernel import (
     block_wide_problem,
     tight_window_bytes,
 )
+from test_elementwise_kernels import at_offset
 
 from shl_kernels.derived import segment_position, segment_schedule
 from shl_kernels.fused import FusedSHL, kernel_outputs
@@ -412,12 +413,6 @@ _SPECS = {"bce": ElemSpec(KINDS["bce"]), "focal": ElemSpec(KINDS["focal"], alpha
                                detach=True)}
 
 
-def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
-    """A copy of t whose data starts `offset` elements into its storage (unaligned)."""
-    out = torch.empty(t.numel() + offset, dtype=t.dtype)[offset:].view(t.shape)
-    return out.copy_(t)
-
-
 @pytest.mark.parametrize("offset", [0, 1], ids=["packs", "unaligned"])
 @pytest.mark.parametrize("shape", [(7, 37), (3, 1030), (1, 1), (5, 64), (2, 2056)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -434,7 +429,7 @@ def test_elementwise_matches_cpu_kernel(lib, loss, dtype, shape, offset):
         pytest.skip("the unaligned kernel is the same code for every loss")
     g = torch.Generator().manual_seed(B * C)
     acc = _acc(dtype)
-    z = _at_offset((torch.randn(B, C, generator=g, dtype=torch.float64) * 4).to(dtype), offset)
+    z = at_offset((torch.randn(B, C, generator=g, dtype=torch.float64) * 4).to(dtype), offset)
     pos = (torch.rand(B, C, generator=g) < 0.3).to(torch.uint8)
     ign = (torch.rand(B, C, generator=g) < 0.1).to(torch.uint8)
     w, pw = torch.rand(C, generator=g).to(acc) + 0.5, torch.rand(C, generator=g).to(acc) + 0.5

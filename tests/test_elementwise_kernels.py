@@ -100,6 +100,13 @@ def _call(name, z, y, ign, w, pw, counts, reduction, backend):
     return fn(z, y, ignore=ign, reduction=reduction, backend=backend, **kw)
 
 
+def at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t whose data starts `offset` elements into its storage (unaligned), on t's
+    device."""
+    out = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:]
+    return out.view(t.shape).copy_(t)
+
+
 def _tol(dtype):
     return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
 
@@ -149,12 +156,7 @@ def test_unaligned_logits_and_targets(backend, dtype, offset):
     dev = _device(backend)
     B, C = (4, 37) if backend == "triton" and not HAS_CUDA else (6, 1029)
     z, y, ign, w, pw, counts, _ = _inputs(B, C, dtype, dev, 5)
-
-    def shifted(t):
-        out = torch.empty(t.numel() + offset, dtype=t.dtype, device=dev)[offset:]
-        return out.view(t.shape).copy_(t)
-
-    z1, y1, ign1 = shifted(z), shifted(y), shifted(ign)
+    z1, y1, ign1 = (at_offset(t, offset) for t in (z, y, ign))
     assert z1.data_ptr() % 16 and y1.data_ptr() % 4
     ref = _run("bce", z, y, ign, w, pw, counts, None, "sum", "torch")
     out = _run("bce", z1, y1, ign1, w, pw, counts, None, "sum", backend)
