@@ -2,14 +2,17 @@
 // loss and its gradient. OpenMP splits rows only and each row is computed by the same code
 // whatever thread runs it, so results are bitwise independent of the thread count.
 //
-// Per row: collect the positives in a short list; then per segment: u = z + delta into
-// segment-ordered scratch (ignored labels -inf) fused with the max, exp-sum over the
-// negatives, the positive (or null) events, and the gradient. Identity order (order ==
-// nullptr) reads z and writes grad contiguously, segment by segment. With an order, the row
-// is first copied contiguously into an original-order scratch that the segments gather
-// from, and grad is written contiguously at the end by gathering through the inverse order,
-// so z and grad in memory are never touched out of order. grad may alias z: every z value
-// is read before the gradient over it is written.
+// Per row: collect the positives in a short list; u = z + delta into segment-ordered scratch
+// (ignored labels -inf) fused with each segment's max; then in passes over the whole row,
+// not segment by segment, so that a segment of a few labels costs little more than its
+// labels: exp(u - M) over the row (each position's M by its segment id), the negatives' sums
+// per segment, the null-event statistics (loss, scale, eta gradient) of every segment in one
+// loop over the segments, a fix-up of the segments holding positives, and the gradient over
+// the row. Identity order (order == nullptr) reads z and writes grad contiguously. With an
+// order, the row is first copied contiguously into an original-order scratch that the
+// segments gather from, and grad is written contiguously at the end by gathering through
+// the inverse order, so z and grad in memory are never touched out of order. grad may alias
+// z: every z value is read before any gradient is written.
 //
 // Vectorisation report: g++ -std=gnu++17 -O3 -march=native -fno-math-errno -fopenmp
 //   -Icsrc -c csrc/shl_cpu.cpp -o /dev/null -fopt-info-vec-optimized
@@ -68,6 +71,41 @@ inline float exp_f32(float x) {
   y = x < lo ? 0.0f : y;
   y = x > hi ? std::numeric_limits<float>::infinity() : y;
   return y;
+}
+
+// Branch-free logf for positive normal x (Cephes polynomial on [sqrt(1/2), sqrt(2)) after
+// splitting off the exponent), so that loops calling it vectorise: under 1 ulp there
+// (checked on every 7th normal float); NaN and +inf give NaN; wrong for 0, subnormal and
+// negative x, which its one caller never passes (a null event's A >= 1, or NaN). Tests of
+// specials in selects kept GCC 12 from vectorising the loop; x - x (NaN for NaN and inf)
+// carries NaN through without one.
+inline float log_normal_f32(float x) {
+  int32_t b;
+  std::memcpy(&b, &x, 4);
+  int32_t e = ((b >> 23) & 0xff) - 127;
+  b = (b & 0x007fffff) | 0x3f800000;
+  float t;
+  std::memcpy(&t, &b, 4);  // the mantissa, in [1, 2)
+  const bool hi = t > 1.41421356237f;
+  t = hi ? t * 0.5f : t;
+  e += hi;
+  t -= 1.0f;
+  const float t2 = t * t;
+  float y = 7.0376836292E-2f;
+  y = y * t - 1.1514610310E-1f;
+  y = y * t + 1.1676998740E-1f;
+  y = y * t - 1.2420140846E-1f;
+  y = y * t + 1.4249322787E-1f;
+  y = y * t - 1.6668057665E-1f;
+  y = y * t + 2.0000714765E-1f;
+  y = y * t - 2.4999993993E-1f;
+  y = y * t + 3.3333331174E-1f;
+  y = y * t * t2;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;  // ln 2 split in two, as in exp_f32
+  y += -0.5f * t2;
+  const float r = (t + y) + 0.693359375f * fe;
+  return r + (x - x);
 }
 
 inline float exp_acc(float x) { return exp_f32(x); }
@@ -204,8 +242,9 @@ inline A fold(A* sm) {
 
 // exp(v - M) in place over v[s..e); returns the sum. Blocks of L lanes, lane j always
 // summing elements b + j and lanes combined in a fixed tree, so the order is fixed; the
-// last partial block runs full width with its dead lanes masked (scratch is padded by L),
-// so no exp runs in a scalar tail loop.
+// last partial block runs full width with its dead lanes masked (v is padded by L), so no
+// exp runs in a scalar tail loop; it stores only its live lanes (the next segment's values
+// are already in place).
 template <class A>
 inline A exp_sum(A* __restrict v, int64_t s, int64_t e, A M) {
   constexpr int L = kL<A>;
@@ -220,15 +259,31 @@ inline A exp_sum(A* __restrict v, int64_t s, int64_t e, A M) {
     }
   }
   if (b < e) {
-    // Slots past e are dead here (later segments fill their own afterwards): store all.
     const int n = static_cast<int>(e - b);
     for (int j = 0; j < L; ++j) {
       const A ex = j < n ? exp_acc(v[b + j] - M) : A(0);
-      v[b + j] = ex;
+      if (j < n) v[b + j] = ex;
       sm[j] += ex;
     }
   }
   return fold<A, L / 2>(sm);
+}
+
+// The same for a run of short segments [k0, k1) (each shorter than kL): u - M per segment,
+// then exp over the whole run in one vectorised loop, then each segment's sum one element
+// after another, so that a segment of a few labels does not pay for a block of L lanes.
+template <class A>
+void exp_sum_short(A* __restrict v, const int64_t* off, int64_t k0, int64_t k1,
+                   const A* __restrict M, A* __restrict sneg) {
+  for (int64_t k = k0; k < k1; ++k)
+    for (int64_t p = off[k]; p < off[k + 1]; ++p) v[p] -= M[k];
+  const int64_t s = off[k0], e = off[k1];
+  for (int64_t p = s; p < e; ++p) v[p] = exp_acc(v[p]);
+  for (int64_t k = k0; k < k1; ++k) {
+    A t = 0;
+    for (int64_t p = off[k]; p < off[k + 1]; ++p) t += v[p];
+    sneg[k] = t;
+  }
 }
 
 // Identity order: g[s..e) = v[s..e) * f in z's dtype.
@@ -249,11 +304,118 @@ void scale(A* __restrict v, A f, int64_t s, int64_t e) {
   for (int64_t p = s; p < e; ++p) v[p] *= f;
 }
 
-// One row. zr and gr may be the same row (in-place): every z value a segment needs is
-// read before that segment's gradient is written, and segments do not overlap.
+// Sum of x[0..n) in L lanes folded in a fixed tree (the row loss over its segments).
+template <class A>
+A sum_lanes(const A* __restrict x, int64_t n) {
+  constexpr int L = kL<A>;
+  A sm[L];
+  for (int j = 0; j < L; ++j) sm[j] = 0;
+  int64_t b = 0;
+  for (; b + L <= n; b += L)
+    for (int j = 0; j < L; ++j) sm[j] += x[b + j];
+  for (int j = 0; b + j < n; ++j) sm[j] += x[b + j];
+  return fold<A, L / 2>(sm);
+}
+
+// A row's statistics per segment ([m] each, per-thread scratch): the stabiliser M, the
+// negatives' sum of exp(u - M), exp(eta - M), the gradient factor f (grad = f * exp(u - M)
+// for a negative label), the segment's loss and eta gradient (used when ShlArgs::grad_eta
+// is not given), and m zeros (the null logits when ShlArgs::eta is not given).
+template <class A>
+struct SegRow {
+  A *M, *sneg, *e_eta, *f, *loss, *geta, *zeros;
+};
+
+// The null event of a segment (SPEC section 3; right for a segment without positives,
+// replaced by positive_events for the others): D = A = e_eta + sneg, loss log(A) + M - eta,
+// gradient e_c / A for the labels and -sneg / A for eta, times scale.
+inline float log_null(float x) { return log_normal_f32(x); }
+inline double log_null(double x) { return std::log(x); }
+
+template <class A>
+struct NullEvent {
+  A e_eta, f, loss, geta;
+};
+
+template <class A>
+inline NullEvent<A> null_event(A eta, A M, A sneg, A scale) {
+  const A e_eta = exp_acc(eta - M);
+  const A Aden = e_eta + sneg;
+  const A F = A(1) / Aden;
+  return {e_eta, F * scale, log_null(Aden) + M - eta, -sneg * F * scale};
+}
+
+// null_event of segments [0, m) into the arrays: one vectorised loop, whose iterations
+// overlap (segment by segment, each short segment's exp, log and division waited for the
+// previous one's). Not inlined: inlined into process_row, GCC 12 did not vectorise it.
+template <class A>
+__attribute__((noinline)) void null_events(int64_t m, const A* __restrict eta,
+                                           const A* __restrict M, const A* __restrict sneg,
+                                           A scale, A* __restrict e_eta, A* __restrict f,
+                                           A* __restrict loss, A* __restrict geta) {
+  for (int64_t k = 0; k < m; ++k) {
+    const NullEvent<A> ev = null_event<A>(eta[k], M[k], sneg[k], scale);
+    e_eta[k] = ev.e_eta;
+    f[k] = ev.f;
+    loss[k] = ev.loss;
+    geta[k] = ev.geta;
+  }
+}
+
+// plist[0, n): positives of segments k0 and later.
+template <class A>
+void positive_events(const Args<A>& a, const SegRow<A>& r, Positive<A>* plist, size_t n,
+                     int64_t k0, A* __restrict geta) {
+  size_t q = 0;
+  int64_t k = k0;
+  while (q < n) {
+    while (a.off[k + 1] <= plist[q].posn) ++k;  // the segment holding this positive
+    const A M = r.M[k], Aden = r.e_eta[k] + r.sneg[k];
+    A loss = 0, F = 0;
+    for (; q < n && plist[q].posn < a.off[k + 1]; ++q) {
+      Positive<A>& p = plist[q];
+      const A wp = a.w ? a.w[p.c] : A(1);
+      const A D = Aden + exp_acc(p.u - M);
+      loss += wp * (std::log(D) + M - p.u);
+      p.g = -wp * Aden / D;
+      F += wp / D;
+    }
+    r.loss[k] = loss;
+    r.f[k] = F * a.scale;
+    geta[k] = r.e_eta[k] * F * a.scale;
+  }
+}
+
+// Segments [k0, k1) of row i, whose negatives' sums are in r.sneg, with the positives
+// plist[p0, p1): their events (r.loss, eta gradient) and their gradient (into gr, or into v
+// when an order is given).
+template <class T, class A>
+void finish_segments(const Args<A>& a, const SegRow<A>& r, int64_t i, int64_t k0, int64_t k1,
+                     std::vector<Positive<A>>& plist, size_t p0, size_t p1, A* v, T* gr) {
+  // (the eta gradient goes to scratch when not asked for: no branch in the loops)
+  A* geta = a.geta ? a.geta + i * a.m : r.geta;
+  null_events<A>(k1 - k0, (a.eta ? a.eta : r.zeros) + k0, r.M + k0, r.sneg + k0, a.scale,
+                 r.e_eta + k0, r.f + k0, r.loss + k0, geta + k0);
+  positive_events<A>(a, r, plist.data() + p0, p1 - p0, k0, geta);
+  for (int64_t k = k0; k < k1; ++k) {
+    if (a.ord) scale<A>(v, r.f[k], a.off[k], a.off[k + 1]);
+    else store_scaled<T, A>(v, r.f[k], gr, a.off[k], a.off[k + 1]);
+  }
+  for (size_t q = p0; q < p1; ++q) {
+    const Positive<A>& p = plist[q];
+    if (a.ord) v[p.posn] = p.g * a.scale;
+    else gr[p.c] = Conv<T>::store(p.g * a.scale);
+  }
+}
+
+// One row. zr and gr may be the same row (in-place): the whole row is read before any
+// gradient is written.
+// Positions per group of segments finished together (see process_row): 4 KB of fp32 values.
+constexpr int64_t kGroup = 1024;
+
 template <class T, class A, bool kIgn, bool kDelta>
 void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
-                 std::vector<Positive<A>>& plist) {
+                 const SegRow<A>& r, std::vector<Positive<A>>& plist) {
   const A ninf = -std::numeric_limits<A>::infinity();
   const int64_t C = a.C;
   const uint8_t* pr = a.pos + i * C;
@@ -293,55 +455,56 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
     }
   }
 
-  A row_loss = 0;
-  size_t pi = 0;
+  // Segment by segment: u in segment order and the stabiliser M = max(max u, eta)
+  // (positives included), then the negatives' sum: at once for a segment of at least a
+  // block of lanes, in runs for shorter ones (exp_sum_short). Segments are finished (events,
+  // gradient) in groups of about kGroup positions, the events of a group in one vectorised
+  // loop. Segment by segment, each short segment cost ~100 ns (a block of exp lanes, a tree
+  // of sums, a chain of exp, log and division); now a segment of a few labels costs little
+  // more than its labels.
+  size_t pi = 0;   // first positive not yet dropped from the sums
+  size_t gp = 0;   // first positive of the group
+  int64_t g0 = 0;  // first segment of the group
+  int64_t k0 = 0;  // first segment of the pending run of short ones
+  // Positives leave the negatives' sums: their slots up to e become -inf (exp -> 0).
+  auto drop_positives = [&](int64_t e) {
+    for (; pi < plist.size() && plist[pi].posn < e; ++pi) v[plist[pi].posn] = ninf;
+  };
   for (int64_t k = 0; k < a.m; ++k) {
     const int64_t s = a.off[k], e = a.off[k + 1];
-    const A eta = a.eta ? a.eta[k] : A(0);
     const auto mk = a.ord ? gather_max<A>(x, a.ord, v, s, e)
                           : load_max<T, A, kIgn, kDelta>(zr, ir, a.delta, v, s, e);
+    // A group's gradient is written in one burst at its end: without asking for its cache
+    // lines early the stores stalled (a row of 64 segments 15% slower than segment by
+    // segment; with the prefetch 7% faster).
+    if (!a.ord)
+      for (int64_t p = s; p < e; p += 64 / sizeof(T)) __builtin_prefetch(gr + p, 1, 3);
     // A NaN key may win or lose the max (a float max would not vectorise without
     // -ffinite-math-only); either way the NaN reaches the sums below, so the loss is NaN.
     const A umax = Key<A>::value(mk);
-    const A M = umax > eta ? umax : eta;
-
-    // Positives leave the negatives' sum: their slots become -inf (exp -> 0).
-    const size_t p0 = pi;
-    while (pi < plist.size() && plist[pi].posn < e) v[plist[pi++].posn] = ninf;
-    const size_t p1 = pi;
-
-    const A sneg = exp_sum<A>(v, s, e, M);
-    const A e_eta = exp_acc(eta - M);
-    const A Aden = e_eta + sneg;
-    A F, g_eta;
-    if (p0 == p1) {  // null event: D = A, g_c = e_c / D, g_eta = e_eta / D - 1 = -sneg / D
-      F = A(1) / Aden;
-      row_loss += std::log(Aden) + M - eta;
-      g_eta = -sneg * F;
-    } else {
-      F = 0;
-      for (size_t q = p0; q < p1; ++q) {
-        Positive<A>& p = plist[q];
-        const A wp = a.w ? a.w[p.c] : A(1);
-        const A D = Aden + exp_acc(p.u - M);
-        row_loss += wp * (std::log(D) + M - p.u);
-        p.g = -wp * Aden / D;
-        F += wp / D;
+    const A eta = a.eta ? a.eta[k] : A(0);
+    r.M[k] = umax > eta ? umax : eta;
+    const bool last = k + 1 == a.m || e - a.off[g0] >= kGroup;
+    if (e - s >= kL<A>) {
+      if (k0 < k) {
+        drop_positives(s);
+        exp_sum_short<A>(v, a.off, k0, k, r.M, r.sneg);
       }
-      g_eta = e_eta * F;
+      drop_positives(e);
+      r.sneg[k] = exp_sum<A>(v, s, e, r.M[k]);
+      k0 = k + 1;
+    } else if (last) {
+      drop_positives(e);
+      exp_sum_short<A>(v, a.off, k0, k + 1, r.M, r.sneg);
+      k0 = k + 1;
     }
-    if (a.geta) a.geta[i * a.m + k] = g_eta * a.scale;
-
-    const A f = F * a.scale;
-    if (a.ord) {
-      scale<A>(v, f, s, e);
-      for (size_t q = p0; q < p1; ++q) v[plist[q].posn] = plist[q].g * a.scale;
-    } else {
-      store_scaled<T, A>(v, f, gr, s, e);
-      for (size_t q = p0; q < p1; ++q) gr[plist[q].c] = Conv<T>::store(plist[q].g * a.scale);
+    if (last) {
+      finish_segments<T, A>(a, r, i, g0, k + 1, plist, gp, pi, v, gr);
+      g0 = k + 1;
+      gp = pi;
     }
   }
-  a.loss[i] = row_loss * a.scale;
+  a.loss[i] = sum_lanes<A>(r.loss, a.m) * a.scale;
   if (a.ord) store_gathered<T, A>(v, a.inv, gr, C);
 }
 
@@ -362,14 +525,18 @@ const char* run(const ShlArgs& sa, const int32_t* ord, const int32_t* inv) {
 #endif
   {
     // v is padded by one block: exp_sum's masked lanes past a segment's end stay in bounds.
-    AlignedBuf<A> x(a.ord ? C : 0), v(C + L);
+    AlignedBuf<A> x(a.ord ? C : 0), v(C + L), stats(7 * a.m);
     if (v.p) std::fill(v.p + C, v.p + C + L, A(0));
+    A* s = stats.p;
+    const SegRow<A> r{s, s + a.m, s + 2 * a.m, s + 3 * a.m, s + 4 * a.m, s + 5 * a.m,
+                      s + 6 * a.m};
+    if (s) std::fill(r.zeros, r.zeros + a.m, A(0));
     std::vector<Positive<A>> plist;
 #ifdef SHL_WITH_OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t i = 0; i < B; ++i) {
-      if (!x.p || !v.p) {
+      if (!x.p || !v.p || !stats.p) {
         failed = 1;
         continue;
       }
@@ -377,11 +544,11 @@ const char* run(const ShlArgs& sa, const int32_t* ord, const int32_t* inv) {
         const T* zr = z + i * C;
         T* gr = g + i * C;
         if (a.ign) {
-          if (a.delta) process_row<T, A, true, true>(a, zr, gr, i, x.p, v.p, plist);
-          else process_row<T, A, true, false>(a, zr, gr, i, x.p, v.p, plist);
+          if (a.delta) process_row<T, A, true, true>(a, zr, gr, i, x.p, v.p, r, plist);
+          else process_row<T, A, true, false>(a, zr, gr, i, x.p, v.p, r, plist);
         } else {
-          if (a.delta) process_row<T, A, false, true>(a, zr, gr, i, x.p, v.p, plist);
-          else process_row<T, A, false, false>(a, zr, gr, i, x.p, v.p, plist);
+          if (a.delta) process_row<T, A, false, true>(a, zr, gr, i, x.p, v.p, r, plist);
+          else process_row<T, A, false, false>(a, zr, gr, i, x.p, v.p, r, plist);
         }
       } catch (const std::bad_alloc&) {
         failed = 1;

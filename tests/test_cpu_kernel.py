@@ -105,6 +105,10 @@ SHAPES = [  # (B, C, m, segment sizes or None = random)
     (4, 300, 20, [120, 60, 30, 20, 12, 9, 8, 8, 6, 5, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1]),
                                     # realistic mix: a few big segments, many small ones
     (2, 300, 300, None),            # all singletons, more than one vector block of them
+    (3, 3001, 700, None),           # mostly short segments (done in runs) over several
+                                    # groups of segments (csrc/shl_cpu.cpp kGroup)
+    (2, 2609, 14, [15, 16, 17, 1, 1100, 2, 3, 31, 33, 1000, 5, 8, 369, 9]),
+                                    # around a block of lanes (16 fp32), beyond a group
 ]
 
 
@@ -442,6 +446,32 @@ def test_empty_shapes():
     loss, grad, _ = shl_fused_cpu(torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.uint8),
                                   None, None, seg0.offsets, None, None, None, 1.0, False)
     assert torch.equal(loss, torch.zeros(3)) and grad.shape == (3, 0)
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_empty_segments_add_only_a_null_event(identity):
+    """Empty segments (only raw offsets have them: at the start, between short and long
+    segments, at the end) change nothing else: loss, gradient and the other segments' eta
+    gradient as without them (up to rounding: a segment's exp may run in a vector lane or
+    in a loop's remainder), their own eta gradient exactly 0."""
+    sizes = [3, 40, 1, 1, 2, 1200, 7, 16, 5, 300]
+    B, C = 4, sum(sizes)
+    seg, z, pos, ign, w, eta, delta = make(B, C, len(sizes), 11, sizes=sizes,
+                                           identity=identity)
+    args = (z, pos.view(torch.uint8), ign.view(torch.uint8), seg.order)
+    base = shl_fused_cpu(*args, seg.offsets, w, eta, delta, 0.5, True)
+    empty_before = [0, 2, 5, 6, 10]  # new empty segments go before these segment ids
+    offsets = seg.offsets.tolist()
+    for k in reversed(empty_before):
+        offsets.insert(k, offsets[k])
+    keep = [k + sum(e <= k for e in empty_before) for k in range(len(sizes))]
+    eta_e = torch.zeros(len(offsets) - 1, dtype=eta.dtype)
+    eta_e[keep] = eta
+    loss, grad, geta = shl_fused_cpu(*args, torch.tensor(offsets), w, eta_e, delta, 0.5, True)
+    for got, want in ((loss, base[0]), (grad, base[1]), (geta[:, keep], base[2])):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    empty = [k for k in range(len(offsets) - 1) if k not in keep]
+    assert torch.equal(geta[:, empty], torch.zeros(B, len(empty), dtype=geta.dtype))
 
 
 def test_sum_matches_bce_with_singletons():
