@@ -2,17 +2,17 @@
 // loss and its gradient. OpenMP splits rows only and each row is computed by the same code
 // whatever thread runs it, so results are bitwise independent of the thread count.
 //
-// Per row: collect the positives in a short list; u = z + delta into segment-ordered scratch
-// (ignored labels -inf) fused with each segment's max; then in passes over the whole row,
-// not segment by segment, so that a segment of a few labels costs little more than its
-// labels: exp(u - M) over the row (each position's M by its segment id), the negatives' sums
-// per segment, the null-event statistics (loss, scale, eta gradient) of every segment in one
-// loop over the segments, a fix-up of the segments holding positives, and the gradient over
-// the row. Identity order (order == nullptr) reads z and writes grad contiguously. With an
-// order, the row is first copied contiguously into an original-order scratch that the
-// segments gather from, and grad is written contiguously at the end by gathering through
-// the inverse order, so z and grad in memory are never touched out of order. grad may alias
-// z: every z value is read before any gradient is written.
+// Per row: collect the positives in a short list; then segment by segment u = z + delta into
+// segment-ordered scratch (ignored labels -inf) fused with the segment's max, and the
+// negatives' exp-sum (a segment of at least a vector block of labels at once, shorter ones
+// in runs); segments are finished in groups of about kGroup positions: the null events of
+// the group in one vectorised loop, the events of the segments holding positives, the
+// gradient. So a segment of a few labels costs little more than its labels. Identity order
+// (order == nullptr) reads z and writes grad contiguously, group by group. With an order, the
+// row is first copied contiguously into an original-order scratch that the segments gather
+// from, and grad is written contiguously at the end by gathering through the inverse order,
+// so z and grad in memory are never touched out of order. grad may alias z: every z value
+// is read before the gradient over it is written (segments do not overlap).
 //
 // Vectorisation report: g++ -std=gnu++17 -O3 -march=native -fno-math-errno -fopenmp
 //   -Icsrc -c csrc/shl_cpu.cpp -o /dev/null -fopt-info-vec-optimized
