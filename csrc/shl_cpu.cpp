@@ -362,7 +362,10 @@ __attribute__((noinline)) void null_events(int64_t m, const A* __restrict eta,
   }
 }
 
-// plist[0, n): positives of segments k0 and later.
+// The segments holding positives (plist[0, n), in segment order, of segments k0 and later):
+// each positive c is an event, D = A + exp(u_c - M), loss w_c (log D + M - u_c), gradient
+// -w_c A / D for c, e_l * sum w_c / D for the segment's other labels and e_eta * sum w_c / D
+// for eta (times scale); they replace the segment's null event.
 template <class A>
 void positive_events(const Args<A>& a, const SegRow<A>& r, Positive<A>* plist, size_t n,
                      int64_t k0, A* __restrict geta) {
@@ -408,11 +411,11 @@ void finish_segments(const Args<A>& a, const SegRow<A>& r, int64_t i, int64_t k0
   }
 }
 
-// One row. zr and gr may be the same row (in-place): the whole row is read before any
-// gradient is written.
 // Positions per group of segments finished together (see process_row): 4 KB of fp32 values.
 constexpr int64_t kGroup = 1024;
 
+// One row. zr and gr may be the same row (in-place): every z value a segment needs is read
+// before that segment's gradient is written, and segments do not overlap.
 template <class T, class A, bool kIgn, bool kDelta>
 void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
                  const SegRow<A>& r, std::vector<Positive<A>>& plist) {
