@@ -97,10 +97,8 @@ def nvdisasm() -> str | None:
         import nvidia  # the namespace package of NVIDIA's CUDA wheels
     except ImportError:
         return None
-    for base in nvidia.__path__:
-        for cand in sorted(Path(base).glob("cu*/bin/nvdisasm")):
-            return str(cand)
-    return None
+    found = [c for base in nvidia.__path__ for c in sorted(Path(base).glob("cu*/bin/nvdisasm"))]
+    return str(found[0]) if found else None
 
 
 def sass_stores(cubin: Path) -> dict[str, dict[str, int]] | None:
