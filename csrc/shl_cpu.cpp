@@ -326,12 +326,12 @@ struct SegRow {
   A *M, *sneg, *e_eta, *f, *loss, *geta, *zeros;
 };
 
+inline float log_null(float x) { return log_normal_f32(x); }  // x >= 1 or NaN
+inline double log_null(double x) { return std::log(x); }
+
 // The null event of a segment (SPEC section 3; right for a segment without positives,
 // replaced by positive_events for the others): D = A = e_eta + sneg, loss log(A) + M - eta,
 // gradient e_c / A for the labels and -sneg / A for eta, times scale.
-inline float log_null(float x) { return log_normal_f32(x); }
-inline double log_null(double x) { return std::log(x); }
-
 template <class A>
 struct NullEvent {
   A e_eta, f, loss, geta;
@@ -462,7 +462,7 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
   // (positives included), then the negatives' sum: at once for a segment of at least a
   // block of lanes, in runs for shorter ones (exp_sum_short). Segments are finished (events,
   // gradient) in groups of about kGroup positions, the events of a group in one vectorised
-  // loop. Segment by segment, each short segment cost ~100 ns (a block of exp lanes, a tree
+  // loop. Segment by segment, each short segment cost ~75 ns (a block of exp lanes, a tree
   // of sums, a chain of exp, log and division); now a segment of a few labels costs little
   // more than its labels.
   size_t pi = 0;   // first positive not yet dropped from the sums
