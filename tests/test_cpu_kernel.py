@@ -15,6 +15,8 @@ _C = pytest.importorskip("shl_kernels._C")
 if not hasattr(_C, "shl_fused_cpu"):
     pytest.skip("shl_kernels._C was built without the CPU kernel", allow_module_level=True)
 
+from test_cuda_kernel import with_empty_segments
+
 from shl_kernels.kernels_cpu import shl_fused_cpu
 
 SEEDS = [0, 1, 2]
@@ -460,17 +462,11 @@ def test_empty_segments_add_only_a_null_event(identity):
                                            identity=identity)
     args = (z, pos.view(torch.uint8), ign.view(torch.uint8), seg.order)
     base = shl_fused_cpu(*args, seg.offsets, w, eta, delta, 0.5, True)
-    empty_before = [0, 2, 5, 6, 10]  # new empty segments go before these segment ids
-    offsets = seg.offsets.tolist()
-    for k in reversed(empty_before):
-        offsets.insert(k, offsets[k])
-    keep = [k + sum(e <= k for e in empty_before) for k in range(len(sizes))]
-    eta_e = torch.zeros(len(offsets) - 1, dtype=eta.dtype)
-    eta_e[keep] = eta
-    loss, grad, geta = shl_fused_cpu(*args, torch.tensor(offsets), w, eta_e, delta, 0.5, True)
+    # new empty segments go before these segment ids
+    offsets, eta_e, keep, empty = with_empty_segments(seg.offsets, eta, [0, 2, 5, 6, 10])
+    loss, grad, geta = shl_fused_cpu(*args, offsets, w, eta_e, delta, 0.5, True)
     for got, want in ((loss, base[0]), (grad, base[1]), (geta[:, keep], base[2])):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
-    empty = [k for k in range(len(offsets) - 1) if k not in keep]
     assert torch.equal(geta[:, empty], torch.zeros(B, len(empty), dtype=geta.dtype))
 
 

@@ -26,6 +26,7 @@ from test_cuda_kernel import (
     _reference,
     block_wide_problem,
     tight_window_bytes,
+    with_empty_segments,
 )
 from test_elementwise_kernels import at_offset
 
@@ -285,20 +286,14 @@ def test_windows_with_empty_segments(lib):
     p = _problem(sizes, 5, torch.float32, seed=34)
     args = (p.z, p.pos.to(torch.uint8), p.ign.to(torch.uint8), p.seg.order)
     base = emulated_kernel(lib, *args, p.seg.offsets, p.w, p.eta, p.delta, 1.0, True)
-    empty_before = [0, 3, 8, 11, 13]  # new empty segments go before these segment ids
-    keep = [k + sum(e <= k for e in empty_before) for k in range(len(sizes))]
-    offsets = p.seg.offsets.tolist()
-    for k in reversed(empty_before):
-        offsets.insert(k, offsets[k])
-    eta = torch.zeros(len(offsets) - 1)
-    eta[keep] = p.eta
+    # new empty segments go before these segment ids
+    offsets, eta, keep, empty = with_empty_segments(p.seg.offsets, p.eta, [0, 3, 8, 11, 13])
     win = 340 * 4 + 3 * 16 + 8 * 16
-    loss, grad, geta = emulated_kernel(lib, *args, torch.tensor(offsets), p.w, eta, p.delta,
-                                       1.0, True, window_bytes=win)
+    loss, grad, geta = emulated_kernel(lib, *args, offsets, p.w, eta, p.delta, 1.0, True,
+                                       window_bytes=win)
     torch.testing.assert_close(loss, base[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, base[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(geta[:, keep], base[2], rtol=1e-5, atol=1e-6)
-    empty = [k for k in range(len(offsets) - 1) if k not in keep]
     assert torch.equal(geta[:, empty], torch.zeros(5, len(empty)))
 
 

@@ -252,6 +252,21 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def with_empty_segments(offsets: torch.Tensor, eta: torch.Tensor, empty_before: list[int]):
+    """Raw offsets and null logits with an empty segment inserted before each segment id in
+    `empty_before` (only raw offsets can have empty segments; their null logits 0).
+    Returns (offsets, eta, keep: the new id of each old segment, empty: the new ids)."""
+    new = offsets.tolist()
+    for k in reversed(empty_before):
+        new.insert(k, new[k])
+    m = eta.numel()
+    keep = [k + sum(e <= k for e in empty_before) for k in range(m)]
+    eta_e = torch.zeros(len(new) - 1, dtype=eta.dtype)
+    eta_e[keep] = eta.cpu()
+    empty = [k for k in range(len(new) - 1) if k not in keep]
+    return torch.tensor(new), eta_e, keep, empty
+
+
 def _problem(sizes, B, dtype, seed, *, identity=False, pos_p=0.15, ign_p=0.1, scale=3.0):
     """Random problem on the CPU: segments of the given sizes (shuffled labels unless
     identity), with a row without positive, a fully ignored segment, an ignored positive."""
