@@ -44,14 +44,16 @@ _KINDS = {"0": "bce", "1": "focal", "2": "asl"}  # csrc/elementwise.h ElemKind
 
 
 def _pretty(mangled: str) -> str:
-    """shl_staged_kernel<V=8, 512 threads, flat, bf16> (", windows" for the windowed kernel),
-    elementwise_kernel<bf16, asl, 256> from a mangled name."""
+    """shl_staged_kernel<V=8, 512 threads, flat, bf16> (", windows" for the windowed kernel,
+    ", delta" for the one compiled for logit offsets), elementwise_kernel<bf16, asl, 256>
+    from a mangled name."""
     if m := re.search(r"(shl_(?:staged|fused)_kernel)I(?:Li(\d+)E)?(?:Li(\d+)E)?(?:Lb(\d)E)?"
-                      r"(?:Lb(\d)E)?(.*?)EEvNS", mangled):
-        kernel, vec, threads, flat, windows, rest = m.groups()
+                      r"(?:Lb(\d)E)?(?:Lb(\d)E)?(.*?)EEvNS", mangled):
+        kernel, vec, threads, flat, windows, delta, rest = m.groups()
         dtype = next((v for k, v in _DTYPES.items() if rest.startswith(k)), rest)
         schedule = {"1": "flat, ", "0": "groups, "}.get(flat, "")
         schedule += "windows, " if windows == "1" else ""
+        schedule += "delta, " if delta == "1" else ""
         return (f"{kernel}<{'V=' + vec + ', ' if vec else ''}"
                 f"{threads + ' threads, ' if threads else ''}{schedule}{dtype}>")
     if m := re.search(r"(elementwise_kernel)ILNS_5DTypeE(\d)ELNS_8ElemKindE(\d)ELi(\d+)E"

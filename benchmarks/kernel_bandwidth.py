@@ -51,12 +51,30 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / cuda_ms(lambda: y.copy_(x)) / 1e6
 
 
+def with_zero_delta(fn: Callable) -> Callable:
+    """fn called with logit offsets of zeros where it gets none: the same answer through the
+    kernel compiled for logit offsets (what every call took before the variant without)."""
+    zeros: dict = {}
+
+    def call(z, pos, ign, order, offsets, w, eta, delta, *rest, **kw):
+        if delta is None:
+            acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+            key = (z.shape[1], acc, z.device)
+            if key not in zeros:
+                zeros[key] = torch.zeros(z.shape[1], dtype=acc, device=z.device)
+            delta = zeros[key]
+        return fn(z, pos, ign, order, offsets, w, eta, delta, *rest, **kw)
+
+    return call
+
+
 def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
     """Kernel variants by name: "cuda staged" (flat schedule, cp.async staging; rows larger
     than shared memory in windows), "cuda windows/2" (a row of `row_bytes` in shared memory
     in windows of about half of it: what a window costs; rows larger than shared memory:
     "cuda windows/100KB", windows of at most 100 KB, two blocks per SM, against the default's
-    largest windows at one block per SM), "cuda staged/256t" (blocks of 256
+    largest windows at one block per SM), "cuda staged/delta" (with logit offsets of zeros:
+    the kernel compiled for them), "cuda staged/256t" (blocks of 256
     threads: three rows per SM), "cuda staged/sync" (plain loads), "cuda staging only" (rows
     staged and unstaged, not computed: the time of the way in and out, a floor for the
     staged kernel; wrong results), "cuda groups" (the group schedule), "cuda groups/B" (segments of >= B labels block-wide; "off": never), "triton"
@@ -73,6 +91,8 @@ def kernels(block_mins: list[int], row_bytes: int = 0) -> dict[str, Callable]:
         elif row_bytes:
             out["cuda windows/2"] = partial(shl_fused_cuda, staged=True, flat=True,
                                             window_bytes=row_bytes // 2 + 4096)
+        out["cuda staged/delta"] = with_zero_delta(partial(shl_fused_cuda, staged=True,
+                                                           flat=True))
         out["cuda staged/256t"] = partial(shl_fused_cuda, staged=True, flat=True,
                                           staged_threads=256)
         out["cuda staged/sync"] = partial(shl_fused_cuda, staged=True, flat=True,

@@ -75,7 +75,14 @@ __global__ void __launch_bounds__(kThreads, 4) shl_fused_kernel(const Params<T, 
 // NT threads per block: 512 (two blocks per SM, 64 registers each) by default, or 256
 // (three blocks, hence three rows, per SM when three rows fit shared memory; a knob to
 // compare on a GPU, see ShlArgs::cuda_staged_threads).
+// Delta: compiled for logit offsets (P.delta tested per label, null or not); the 16-byte
+// variants of 2- and 4-byte types also come without them (Delta false, P.delta null: the
+// per-label test was ~5 instructions of each segment pass's ~22 in the SASS; testing it once
+// per row in one kernel with both made ptxas spill).
 constexpr int kStagedThreads = 512;
+
+template <int V, class T>
+constexpr bool has_deltaless_variant() { return V > 1 && sizeof(T) <= 4; }
 
 template <int NT>
 constexpr int staged_min_blocks() { return NT >= 512 ? 2 : 3; }
@@ -89,7 +96,7 @@ __device__ __forceinline__ Closed<A>* stats_after(T* zs, int L) {
 // Windowed (flat schedule only): the row in P.n_windows windows, each a pass that reads
 // the row and stages, computes and writes the window's positions; a separate kernel, so
 // that the whole-row kernel keeps its registers (the windows' position tests spilled it).
-template <int V, int NT, bool Flat, bool Windowed, class T, class A>
+template <int V, int NT, bool Flat, bool Windowed, bool Delta, class T, class A>
 __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
     shl_staged_kernel(const Params<T, A> P) {
   static_assert(Flat || !Windowed, "windows take the flat schedule");
@@ -153,7 +160,7 @@ __global__ void __launch_bounds__(NT, staged_min_blocks<NT>())
         }
       }
       __syncthreads();
-      const StagedRow<T, A> R{P, zw, bw, base};
+      const StagedRow<T, A, Delta> R{P, zw, bw, base};
       if (P.staging_only) {  // the benchmark probe: the row's way in and out alone
         if (P.grad_eta && w == 0)
           for (int j = threadIdx.x; j < P.m; j += NT) P.grad_eta[row * P.m + j] = A(0);
@@ -298,22 +305,22 @@ int with_ring(Params<T, A>& P, int bytes, int threads, unsigned* grid) {
   }
 }
 
-// Lets shl_staged_kernel<V, NT, Flat, Windowed, T, A> take `bytes` of dynamic shared
+// Lets shl_staged_kernel<V, NT, Flat, Windowed, Delta, T, A> take `bytes` of dynamic shared
 // memory: above 48 KiB a kernel must opt in; the carveout hint asks for the largest
 // shared-memory split so that two blocks fit per SM (the driver may otherwise pick a split
 // that fits only one). Done once per device and size (then remembered: the attributes stay
 // set).
-template <int V, int NT, bool Flat, bool Windowed, class T, class A>
+template <int V, int NT, bool Flat, bool Windowed, bool Delta, class T, class A>
 cudaError_t prepare_staged(int bytes) {
   static PerDevice allowed;  // largest `bytes` prepared so far, per device
   const int dev = current_device();
   if (dev >= 0 && allowed.get(dev) >= bytes) return cudaSuccess;
   if (bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, Windowed, T, A>,
+    const cudaError_t e = cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, Windowed, Delta, T, A>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e != cudaSuccess) return e;
   }
-  if (cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, Windowed, T, A>,
+  if (cudaFuncSetAttribute(shl_staged_kernel<V, NT, Flat, Windowed, Delta, T, A>,
                            cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     cudaGetLastError();  // only a hint
@@ -321,12 +328,21 @@ cudaError_t prepare_staged(int bytes) {
   return cudaSuccess;
 }
 
+template <int V, int NT, bool Flat, bool Windowed, bool Delta, class T, class A>
+cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
+  const cudaError_t e = prepare_staged<V, NT, Flat, Windowed, Delta, T, A>(bytes);
+  if (e != cudaSuccess) return e;
+  launch_kernel(shl_staged_kernel<V, NT, Flat, Windowed, Delta, T, A>, blocks, NT, bytes, stream,
+                P);
+  return cudaSuccess;
+}
+
+// The variant without logit offsets where there is one and P.delta is null.
 template <int V, int NT, bool Flat, bool Windowed, class T, class A>
 cudaError_t launch_staged(const Params<T, A>& P, unsigned blocks, int bytes, cudaStream_t stream) {
-  const cudaError_t e = prepare_staged<V, NT, Flat, Windowed, T, A>(bytes);
-  if (e != cudaSuccess) return e;
-  launch_kernel(shl_staged_kernel<V, NT, Flat, Windowed, T, A>, blocks, NT, bytes, stream, P);
-  return cudaSuccess;
+  if constexpr (has_deltaless_variant<V, T>())
+    if (!P.delta) return launch_staged<V, NT, Flat, Windowed, false>(P, blocks, bytes, stream);
+  return launch_staged<V, NT, Flat, Windowed, true>(P, blocks, bytes, stream);
 }
 
 template <int V, class T, class A>
@@ -357,11 +373,12 @@ const char* staged_occupancy(int64_t C, int* blocks_per_sm, int* bytes_out) {
   *blocks_per_sm = 0;
   if (!bytes) return nullptr;  // the row does not fit: unstaged kernel
   constexpr int V = 16 / sizeof(T);
-  cudaError_t e = prepare_staged<V, kStagedThreads, true, false, T, A>(bytes);
+  constexpr bool D = !has_deltaless_variant<V, T>();  // the variant a call without delta takes
+  cudaError_t e = prepare_staged<V, kStagedThreads, true, false, D, T, A>(bytes);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        blocks_per_sm, shl_staged_kernel<V, kStagedThreads, true, false, T, A>, kStagedThreads,
-        bytes);
+        blocks_per_sm, shl_staged_kernel<V, kStagedThreads, true, false, D, T, A>,
+        kStagedThreads, bytes);
   if (e != cudaSuccess) {
     cudaGetLastError();
     return cudaGetErrorString(e);

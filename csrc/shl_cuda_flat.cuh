@@ -146,8 +146,8 @@ __device__ FlatRange flat_range(const Params<T, A>& P, const Window& W) {
 // The window W of the row (stats: an entry per segment of W); returns this thread's part of
 // the row loss (store_row_loss adds them up). The gradient is in zs after the caller's next
 // barrier.
-template <int NT, class T, class A>
-__device__ A row_loss_flat(const Params<T, A>& P, const StagedRow<T, A>& R, int64_t row,
+template <int NT, class T, class A, class Row>
+__device__ A row_loss_flat(const Params<T, A>& P, const Row& R, int64_t row,
                            const Window& W, const FlatRange& r, Closed<A>* stats,
                            FlatShared<NT, A>* sh) {
   using X = Part<A, int>;

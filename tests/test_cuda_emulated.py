@@ -27,6 +27,7 @@ from test_cuda_kernel import (
     block_wide_problem,
     tight_window_bytes,
     with_empty_segments,
+    without_delta,
 )
 from test_elementwise_kernels import at_offset
 
@@ -142,14 +143,15 @@ class _Reducing:
 def _fused(so, p, reduction="mean", *, order=True, inplace=False, **kw):
     """Loss and (z, eta, delta) gradients through FusedSHL with the emulated kernel."""
     z = p.z.clone().requires_grad_()
-    eta, delta = p.eta.clone().requires_grad_(), p.delta.clone().requires_grad_()
+    eta = p.eta.clone().requires_grad_()
+    delta = p.delta.clone().requires_grad_() if p.delta is not None else None
     kernel = _Reducing(so, **kw)
     zin = z * 1.0 if inplace else z  # in place needs a non-leaf to overwrite
     loss = FusedSHL.apply(kernel, zin, p.pos.to(torch.uint8), p.ign.to(torch.uint8),
                           p.seg.order if order else None, p.seg.offsets, p.w, eta, delta,
                           reduction, inplace)
     up = torch.ones_like(loss)
-    grads = torch.autograd.grad(loss, (z, eta, delta), up)
+    grads = torch.autograd.grad(loss, [t for t in (z, eta, delta) if t is not None], up)
     return [loss.detach(), *grads]
 
 
@@ -169,6 +171,17 @@ KERNELS = {"staged": {"staged": True}, "staged256": {"staged": True, "staged_thr
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(lib, dtype, kernel):
     p = _problem(SIZES, 5, dtype, seed=0)
+    for reduction in ("mean", "none"):
+        _assert_matches(_fused(lib, p, reduction, **KERNELS[kernel]), _reference(p, reduction),
+                        dtype, p.seg)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_matches_reference_without_logit_offsets(lib, dtype, kernel):
+    """No delta (the usual call) with weights, null logits and ignored labels: the staged
+    kernels' 16-byte variants compiled without logit offsets."""
+    p = without_delta(_problem(SIZES + [300], 5, dtype, seed=40))
     for reduction in ("mean", "none"):
         _assert_matches(_fused(lib, p, reduction, **KERNELS[kernel]), _reference(p, reduction),
                         dtype, p.seg)

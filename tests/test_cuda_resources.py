@@ -33,10 +33,16 @@ def test_every_kernel_reported(report):
     _, kernels = report
     for dtype in ("bf16", "fp16", "fp32", "fp64"):
         assert f"shl_fused_kernel<{dtype}>" in kernels
-        for threads in (512, 256):
-            for schedule in ("flat", "groups"):
-                assert f"shl_staged_kernel<V=1, {threads} threads, {schedule}, {dtype}>" in kernels
-        assert f"shl_staged_kernel<V=1, 512 threads, flat, windows, {dtype}>" in kernels
+        vec = 16 // {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype]
+        # one element per access, compiled for logit offsets (null or not); 16-byte packs
+        # also without them, except fp64
+        variants = [(1, "delta, "), (vec, "delta, ")] + ([(vec, "")] if dtype != "fp64" else [])
+        for v, delta in variants:
+            for threads in (512, 256):
+                for schedule in ("flat", "groups"):
+                    name = f"shl_staged_kernel<V={v}, {threads} threads, {schedule}, {delta}{dtype}>"
+                    assert name in kernels
+            assert f"shl_staged_kernel<V={v}, 512 threads, flat, windows, {delta}{dtype}>" in kernels
 
 
 def test_no_spills_outside_fp64(report):
@@ -50,8 +56,8 @@ def test_staged_bf16_blocks_per_sm(report):
     # rows of 32768 bf16 labels: two resident blocks of 512 threads, three of 256
     mod, kernels = report
     for threads, want in ((512, 2), (256, 3)):
-        for schedule in ("flat", "groups"):
-            k = kernels[f"shl_staged_kernel<V=8, {threads} threads, {schedule}, bf16>"]
+        for schedule in ("flat, ", "groups, ", "flat, delta, ", "groups, delta, "):
+            k = kernels[f"shl_staged_kernel<V=8, {threads} threads, {schedule}bf16>"]
             blocks, dyn = mod.staged_blocks_per_sm(k, 32768)
             assert dyn == 32768 * 2 + (32768 + 31 + 127) // 128 * 16  # z, bitmask
             assert blocks == want, (threads, schedule, k.registers, k.static_smem)
@@ -66,6 +72,7 @@ def test_packed_kernels_store_16_bytes_at_once(report):
         pytest.skip("needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
     packed = {name: k for name, k in kernels.items()
               if "V=" in name and "V=1," not in name and "V=1>" not in name}
-    assert len(packed) == 4 * 5 + 4 * 3 * 2  # staged: 5 per dtype; elementwise: kind x R
+    # staged: 5 per dtype and delta variant (fp64: with delta only); elementwise: kind x R
+    assert len(packed) == 7 * 5 + 4 * 3 * 2
     narrow = {name: k.stores for name, k in packed.items() if not k.stores.get("STG.E.128")}
     assert not narrow, f"no 16-byte store (global stores by opcode): {narrow}"
