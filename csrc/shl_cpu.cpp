@@ -31,6 +31,7 @@
 
 #include "row_sums.h"
 #include "shl_args.h"
+#include "shl_event.h"
 
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 // GCC defaults to 256-bit vectors; the exp loop is FMA-bound and 512-bit halves it here.
@@ -229,6 +230,17 @@ typename Key<A>::type gather_max(const A* __restrict x, const int32_t* __restric
   return mk;
 }
 
+// The max key of v[s..e) (a segment's values once its positives are out).
+template <class A>
+typename Key<A>::type max_key(const A* __restrict v, int64_t s, int64_t e) {
+  auto mk = Key<A>::of(-std::numeric_limits<A>::infinity());
+  for (int64_t p = s; p < e; ++p) {
+    const auto ku = Key<A>::of(v[p]);
+    mk = ku > mk ? ku : mk;
+  }
+  return mk;
+}
+
 // Sums sm[0..2W) pairwise (halving): a fixed order.
 template <class A, int W>
 inline A fold(A* sm) {
@@ -340,9 +352,10 @@ struct NullEvent {
 template <class A>
 inline NullEvent<A> null_event(A eta, A M, A sneg, A scale) {
   const A e_eta = exp_acc(eta - M);
-  const A Aden = e_eta + sneg;
+  const A Aden = e_eta + sneg;  // >= 1, or 0 (M floored: eta = -inf and no negatives)
   const A F = A(1) / Aden;
-  return {e_eta, F * scale, log_null(Aden) + M - eta, -sneg * F * scale};
+  const A logA = Aden == A(0) ? -std::numeric_limits<A>::infinity() : log_null(Aden);
+  return {e_eta, F * scale, logA + M - eta, -sneg * F * scale};
 }
 
 // null_event of segments [0, m) into the arrays: one vectorised loop, whose iterations
@@ -363,7 +376,8 @@ __attribute__((noinline)) void null_events(int64_t m, const A* __restrict eta,
 }
 
 // The segments holding positives (plist[0, n), in segment order, of segments k0 and later):
-// each positive c is an event, D = A + exp(u_c - M), loss w_c (log D + M - u_c), gradient
+// each positive c is an event, D = A + exp(u_c - M), loss w_c (log D + M - u_c) (as
+// positive_event), gradient
 // -w_c A / D for c, e_l * sum w_c / D for the segment's other labels and e_eta * sum w_c / D
 // for eta (times scale); they replace the segment's null event.
 template <class A>
@@ -377,11 +391,10 @@ void positive_events(const Args<A>& a, const SegRow<A>& r, Positive<A>* plist, s
     A loss = 0, F = 0;
     for (; q < n && plist[q].posn < a.off[k + 1]; ++q) {
       Positive<A>& p = plist[q];
-      const A wp = a.w ? a.w[p.c] : A(1);
-      const A D = Aden + exp_acc(p.u - M);
-      loss += wp * (std::log(D) + M - p.u);
-      p.g = -wp * Aden / D;
-      F += wp / D;
+      const PositiveEvent<A> ev = positive_event(a.w ? a.w[p.c] : A(1), Aden, p.u - M);
+      loss += ev.loss;
+      p.g = -ev.f * Aden;  // -w A / D
+      F += ev.f;
     }
     r.loss[k] = loss;
     r.f[k] = F * a.scale;
@@ -458,8 +471,8 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
     }
   }
 
-  // Segment by segment: u in segment order and the stabiliser M = max(max u, eta)
-  // (positives included), then the negatives' sum: at once for a segment of at least a
+  // Segment by segment: u in segment order and the stabiliser M = max(max u, eta) over the
+  // negatives (see positive_event), then the negatives' sum: at once for a segment of at least a
   // block of lanes, in runs for shorter ones (exp_sum_short). Segments are finished (events,
   // gradient) in groups of about kGroup positions, the events of a group in one vectorised
   // loop. Segment by segment, each short segment cost ~75 ns (a block of exp lanes, a tree
@@ -469,14 +482,19 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
   size_t gp = 0;   // first positive of the group
   int64_t g0 = 0;  // first segment of the group
   int64_t k0 = 0;  // first segment of the pending run of short ones
-  // Positives leave the negatives' sums: their slots up to e become -inf (exp -> 0).
+  // Positives leave the negatives' sums and max: their slots up to e become -inf (exp -> 0).
   auto drop_positives = [&](int64_t e) {
     for (; pi < plist.size() && plist[pi].posn < e; ++pi) v[plist[pi].posn] = ninf;
   };
+  const A lowest = std::numeric_limits<A>::lowest();
   for (int64_t k = 0; k < a.m; ++k) {
     const int64_t s = a.off[k], e = a.off[k + 1];
-    const auto mk = a.ord ? gather_max<A>(x, a.ord, v, s, e)
-                          : load_max<T, A, kIgn, kDelta>(zr, ir, a.delta, v, s, e);
+    const auto mk_all = a.ord ? gather_max<A>(x, a.ord, v, s, e)
+                              : load_max<T, A, kIgn, kDelta>(zr, ir, a.delta, v, s, e);
+    // A segment holding positives takes a second pass for the max without them (few do).
+    const size_t first_pos = pi;
+    drop_positives(e);
+    const auto mk = pi > first_pos ? max_key<A>(v, s, e) : mk_all;
     // A group's gradient is written in one burst at its end: without asking for its cache
     // lines early the stores stalled (a row of 64 segments 15% slower than segment by
     // segment; with the prefetch 7% faster).
@@ -486,18 +504,16 @@ void process_row(const Args<A>& a, const T* zr, T* gr, int64_t i, A* x, A* v,
     // -ffinite-math-only); either way the NaN reaches the sums below, so the loss is NaN.
     const A umax = Key<A>::value(mk);
     const A eta = a.eta ? a.eta[k] : A(0);
-    r.M[k] = umax > eta ? umax : eta;
+    // Floored at the lowest finite value (NaN stays): a segment of positives alone with
+    // eta = -inf gets A = 0 (loss 0), not exp(-inf - -inf) = NaN.
+    const A Mk = umax > eta ? umax : eta;
+    r.M[k] = Mk < lowest ? lowest : Mk;
     const bool last = k + 1 == a.m || e - a.off[g0] >= kGroup;
     if (e - s >= kL<A>) {
-      if (k0 < k) {
-        drop_positives(s);
-        exp_sum_short<A>(v, a.off, k0, k, r.M, r.sneg);
-      }
-      drop_positives(e);
+      if (k0 < k) exp_sum_short<A>(v, a.off, k0, k, r.M, r.sneg);
       r.sneg[k] = exp_sum<A>(v, s, e, r.M[k]);
       k0 = k + 1;
     } else if (last) {
-      drop_positives(e);
       exp_sum_short<A>(v, a.off, k0, k + 1, r.M, r.sneg);
       k0 = k + 1;
     }

@@ -20,7 +20,7 @@
 // by its lane alone, a larger one by the whole warp (lane-strided loops, shuffle
 // reductions).
 // Each segment takes three passes over its labels:
-//   1. max M of eta and the non-ignored u's, online sum of exp(u - M) over the
+//   1. max M of eta and the negatives' u's, online sum of exp(u - M) over the
 //      negatives, the number of positives (and where the last one is);
 //   2. with two or more positives: D_p, the loss terms and S = sum_p w_p / D_p (one
 //      positive: the same from the one found in pass 1; none: the null event, D = A,

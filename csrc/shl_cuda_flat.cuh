@@ -22,6 +22,13 @@ namespace {
 // Against row_loss: no thread waits on another's large segment, no group reduction per
 // segment (one scan and three barriers per row), and a warp's lanes run their loops in
 // step.
+// The passes' loops step over a thread's range in runs of kFlatRun positions: a run inside
+// one segment (the usual case: segments are hundreds of labels, a thread's range tens) takes
+// accumulate_run / gradient_run, one boundary test and one max test for the run; a run
+// holding a segment's end or the range's end goes label by label. Every lane of a warp
+// takes the same number of runs, so the lanes stay in step (see row_loss_flat).
+constexpr int kFlatRun = 4;
+
 template <class A>
 struct Carry {  // a value of the segmented scan
   Part<A, int> x;  // pass-1 statistics of the segment open at the end of the window
@@ -180,15 +187,27 @@ __device__ A row_loss_flat(const Params<T, A>& P, const Row& R, int64_t row,
         head = x, head_k = k;
       }
     };
-#pragma unroll 4
-    for (int p = r.a; p < r.b; ++p) {
-      if (p == s1) {
-        settle(p);
-        do ++k; while (offset(k + 1) <= p);  // skips empty segments
-        s0 = p, s1 = offset(k + 1), ps = p, eta = eta_of(k);
-        x = X::start(eta);
+    // Runs end at `lim` (the segment's end or the range's): the usual case tests p alone.
+    int lim = s1 < r.b ? s1 : r.b;
+    for (int p = r.a;;) {
+      if (p + kFlatRun <= lim) {
+        accumulate_run<kFlatRun>(R, p, x);
+        p += kFlatRun;
+        continue;
       }
-      accumulate_one(R, p, x);
+      if (p >= r.b) break;
+      const int e = p + kFlatRun < r.b ? p + kFlatRun : r.b;
+#pragma unroll 1
+      for (; p < e; ++p) {
+        if (p == s1) {
+          settle(p);
+          do ++k; while (offset(k + 1) <= p);  // skips empty segments
+          s0 = p, s1 = offset(k + 1), ps = p, eta = eta_of(k);
+          x = X::start(eta);
+        }
+        accumulate_one(R, p, x);
+      }
+      lim = s1 < r.b ? s1 : r.b;
     }
     if (r.b == s1) {
       settle(r.b);
@@ -211,15 +230,26 @@ __device__ A row_loss_flat(const Params<T, A>& P, const Row& R, int64_t row,
   if (r.a < r.b) {
     int k = r.k0, s1 = offset(k + 1), ps = r.a;
     Closed<A> c = scaled_for_gradients(stats[k - W.k0], P.scale);
-#pragma unroll 4
-    for (int p = r.a; p < r.b; ++p) {
-      if (p == s1) {
-        positive_gradients(R, ps, p, 0, 1, c);
-        do ++k; while (offset(k + 1) <= p);
-        s1 = offset(k + 1), ps = p;
-        c = scaled_for_gradients(stats[k - W.k0], P.scale);
+    int lim = s1 < r.b ? s1 : r.b;
+    for (int p = r.a;;) {
+      if (p + kFlatRun <= lim) {
+        gradient_run<kFlatRun>(R, p, c);
+        p += kFlatRun;
+        continue;
       }
-      gradient_one(R, p, c);
+      if (p >= r.b) break;
+      const int e = p + kFlatRun < r.b ? p + kFlatRun : r.b;
+#pragma unroll 1
+      for (; p < e; ++p) {
+        if (p == s1) {
+          positive_gradients(R, ps, p, 0, 1, c);
+          do ++k; while (offset(k + 1) <= p);
+          s1 = offset(k + 1), ps = p;
+          c = scaled_for_gradients(stats[k - W.k0], P.scale);
+        }
+        gradient_one(R, p, c);
+      }
+      lim = s1 < r.b ? s1 : r.b;
     }
     positive_gradients(R, ps, r.b, 0, 1, c);
   }

@@ -15,8 +15,8 @@ def _seg_index(seg: Segmentation, B: int, device) -> torch.Tensor:
 
 
 def _segment_max(u: torch.Tensor, eta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """[B, m] max over each segment's u's and its eta, detached (the results do not depend
-    on the shift, only their rounding does)."""
+    """[B, m] max over each segment's u's (-inf: left out) and its eta, detached (the results
+    do not depend on the shift, only their rounding does)."""
     M = torch.full(eta.shape, float("-inf"), dtype=u.dtype, device=u.device)
     M = M.scatter_reduce(1, idx, u.detach(), "amax", include_self=True)
     return torch.maximum(M, eta.detach())
@@ -41,15 +41,26 @@ def shl_loss_reference(z: torch.Tensor, pos: torch.Tensor, seg: Segmentation,
     e_eta = e_eta.expand(B, -1)
     idx = _seg_index(seg, B, dev)
     um = u.masked_fill(ig, float("-inf"))  # ignored labels take no part
-    M = _segment_max(um, e_eta, idx)
+    un = um.masked_fill(p, float("-inf"))  # the negatives
+    # The shift M: the max of eta and the negatives' u (SPEC's "eta and the u's" without
+    # the positives). With a positive in it, a positive far above the rest of its segment
+    # made A and another positive's exp(u_p - M) underflow together: D_p = 0, loss -inf.
+    # Floored at the lowest finite value: a segment of positives alone with eta = -inf gets
+    # A = 0 (loss 0), not NaN.
+    M = _segment_max(un, e_eta, idx)
+    M = torch.where(M == float("-inf"), torch.finfo(acc).min, M)
     Mg = M.gather(1, idx)
-    e = torch.exp(um - Mg)
-    en = e.masked_fill(p, 0.0)
+    en = torch.exp(un - Mg)
     A = torch.exp(e_eta - M) + torch.zeros((B, m), dtype=acc, device=dev).scatter_add(1, idx, en)
     npos = torch.zeros((B, m), dtype=acc, device=dev).scatter_add(1, idx, p.to(acc))
-    null_term = torch.where(npos == 0, torch.log(A) + M - e_eta, 0.0)
-    Dp = torch.where(p, A.gather(1, idx) + e, 1.0)
-    pos_term = torch.where(p, wp * (torch.log(Dp) + Mg - u), 0.0)
+    # log A, with log 0 = -inf and no NaN gradient from it
+    logA = torch.where(A > 0, torch.log(A.clamp_min(torch.finfo(acc).tiny)), float("-inf"))
+    null_term = torch.where(npos == 0, logA + M - e_eta, 0.0)
+    # log D_p - u_p = log(1 + A exp(M - u_p)): softplus(log A - (u_p - M)), no exp(u_p - M)
+    # to overflow; a +inf positive gives NaN (SPEC: inf propagates to the loss).
+    x = torch.where(p, logA.gather(1, idx) - (u - Mg), 0.0)
+    pos_loss = torch.where(u == float("inf"), float("nan"), torch.logaddexp(torch.zeros_like(x), x))
+    pos_term = torch.where(p, wp * pos_loss, 0.0)
     rows = null_term.sum(1) + pos_term.sum(1)
     if reduction == "none":
         return rows

@@ -87,6 +87,34 @@ def _pos_weight(w_ptr, col, p, acc_ty: tl.constexpr, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _negatives_max(u, p, eta, axis: tl.constexpr):
+    """The shift M: max of eta and the negatives' u along `axis` (positives out: see
+    csrc/shl_event.h), floored at float32's lowest finite value so that a segment of
+    positives alone with eta = -inf gets A = 0 (loss 0), not exp(-inf - -inf) = NaN."""
+    M = tl.maximum(tl.max(tl.where(p, float("-inf"), u), axis=axis), eta)
+    return _floored(M)
+
+
+@triton.jit
+def _floored(M):
+    return tl.where(M == float("-inf"), -3.4028234663852886e38, M)
+
+
+@triton.jit
+def _pos_loss(w, A, t):
+    """w (log D_p - u_p) for a positive with t = u_p - M (csrc/shl_event.h positive_event,
+    the same formula): log(A + exp(t)) - t while exp(t) <= A, else log1p(A / exp(t)) (also
+    when exp(t) overflows); +inf logits give NaN. log1p(z) as log(1 + z) z / ((1 + z) - 1)
+    (Triton has no log1p)."""
+    e = tl.exp(t)
+    z = A / e
+    v = 1.0 + z
+    log1p = tl.where(v == 1.0, z, tl.log(v) * (z / (v - 1.0)))
+    loss = tl.where(e <= A, tl.log(A + e) - t, log1p)
+    return tl.where(t == float("inf"), float("nan"), w * loss)
+
+
+@triton.jit
 def _store_grad(grad_ptr, off, inr, valid, p, e, wp, A, S, scale):
     # g_p = -w_p A / D_p (no cancellation), g_c = exp(u_c - M) * S, ignored labels 0.
     g = tl.where(p, -wp * A / (A + e), e * S)
@@ -101,15 +129,15 @@ def _segment_small(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
                    HAS_DELTA: tl.constexpr):
     col, off, inr, valid, p, u = _chunk(z_ptr, pos_ptr, ign_ptr, order_ptr, delta_ptr, row_off,
                                         start, end, acc_ty, BLOCK, HAS_IGN, HAS_ORDER, HAS_DELTA)
-    M = tl.maximum(tl.max(u, axis=0), eta)
-    e = tl.where(valid, tl.exp(u - M), 0.0)
+    M = _negatives_max(u, p, eta, 0)
+    e = tl.where(valid, tl.exp(u - M), 0.0)  # inf at a positive far above M: g_p = -0
     e_eta = tl.exp(eta - M)
     A = tl.sum(tl.where(p, 0.0, e), axis=0) + e_eta
     wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
     npos = tl.sum(p.to(tl.int32), axis=0)
     D = A + e
     loss = tl.where(npos == 0, tl.log(A) + M - eta,
-                    tl.sum(tl.where(p, wp * (tl.log(D) + M - u), 0.0), axis=0))
+                    tl.sum(tl.where(p, _pos_loss(wp, A, u - M), 0.0), axis=0))
     S = tl.where(npos == 0, 1.0 / A, tl.sum(tl.where(p, wp / D, 0.0), axis=0))
     _store_grad(grad_ptr, off, inr, valid, p, e, wp, A, S, scale)
     return loss, e_eta * S - (npos == 0).to(acc_ty)
@@ -117,15 +145,16 @@ def _segment_small(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
 
 @triton.jit
 def _online_step(m_l, s_l, u, p):
-    """Per lane (any shape): running max m_l of u and sum s_l of exp(u - m_l) over the
-    negatives (~p), updated by one element u; one exp: exp(m_l - u) rescales s_l when u is
-    the new max, exp(u - m_l) is u's term otherwise."""
+    """Per lane (any shape): running max m_l and sum s_l of exp(u - m_l) over the negatives
+    (~p; positives stay out of the max, see _negatives_max), updated by one element u; one
+    exp: exp(m_l - u) rescales s_l when u is the new max, exp(u - m_l) is u's term
+    otherwise."""
     # -inf terms add nothing (and exp(-inf - -inf) would be NaN); NaN stays active so it
     # reaches the sum (NaN > m_l is false, so NaN never becomes the max).
     neg = (u != float("-inf")) & ~p
-    big = u > m_l
+    big = neg & (u > m_l)
     t = tl.exp(tl.where(big, m_l - u, u - m_l))
-    s_l = tl.where(neg, tl.where(big, s_l * t + 1.0, s_l + t), tl.where(big, s_l * t, s_l))
+    s_l = tl.where(neg, tl.where(big, s_l * t + 1.0, s_l + t), s_l)
     return tl.where(big, u, m_l), s_l
 
 
@@ -138,7 +167,7 @@ def _finish(M, A, eta, npos, pu_sum, pw):
     A += e_eta
     pu = tl.where(npos == 1, pu_sum, M)
     D1 = A + tl.exp(pu - M)
-    loss = tl.where(npos == 0, tl.log(A) + M - eta, pw * (tl.log(D1) + M - pu))
+    loss = tl.where(npos == 0, tl.log(A) + M - eta, _pos_loss(pw, A, pu - M))
     S = tl.where(npos == 0, 1.0 / A, pw / D1)
     return e_eta, A, loss, S
 
@@ -148,8 +177,8 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
                    start, end, eta, scale, acc_ty: tl.constexpr, BLOCK: tl.constexpr,
                    HAS_IGN: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_W: tl.constexpr,
                    HAS_DELTA: tl.constexpr, BITS: tl.constexpr = False):
-    # Pass 1, per lane: running max m_l over valid u (positives included: D_p needs
-    # exp(u_p - M) <= 1) and sum s_l of exp(u - m_l) over the negatives (_online_step).
+    # Pass 1, per lane: running max m_l and sum s_l of exp(u - m_l) over the negatives
+    # (_online_step), the positives' count and sums.
     m_l = tl.full([BLOCK], float("-inf"), acc_ty)
     s_l = tl.zeros([BLOCK], acc_ty)
     np_l = tl.zeros([BLOCK], tl.int32)
@@ -163,7 +192,7 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
         np_l += p.to(tl.int32)
         pu_l += tl.where(p, u, 0.0)
         pw_l += _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
-    M = tl.maximum(tl.max(m_l, axis=0), eta)
+    M = _floored(tl.maximum(tl.max(m_l, axis=0), eta))
     # s_l == 0: nothing summed on that lane (and m_l may be -inf); a NaN s_l must survive.
     A = tl.sum(tl.where(s_l == 0.0, 0.0, s_l * tl.exp(m_l - M)), axis=0)
     npos = tl.sum(np_l, axis=0)
@@ -177,7 +206,7 @@ def _segment_large(z_ptr, pos_ptr, ign_ptr, order_ptr, w_ptr, delta_ptr, grad_pt
                                                 HAS_ORDER, HAS_DELTA, BITS)
             wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
             D = A + tl.exp(u - M)
-            l_l += tl.where(p, wp * (tl.log(D) + M - u), 0.0)
+            l_l += tl.where(p, _pos_loss(wp, A, u - M), 0.0)
             sp_l += tl.where(p, wp / D, 0.0)
         loss = tl.sum(l_l, axis=0)
         S = tl.sum(sp_l, axis=0)

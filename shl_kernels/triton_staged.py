@@ -30,8 +30,11 @@ from .derived import in_segment_order, order32, segment_position, segment_schedu
 from .triton_launch import TunedLaunch
 from .triton_shl import (
     _finish,
+    _floored,
     _load_at,
+    _negatives_max,
     _online_step,
+    _pos_loss,
     _pos_weight,
     _segment_at,
     _segment_large,
@@ -89,7 +92,7 @@ def _tile_small(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
     """Segments of at most SEGW labels: one load each; the gradient goes over z."""
     col, off, inr, valid, p, u = _tile_load(z_ptr, pos_ptr, ign_ptr, delta_ptr, start, end,
                                             acc_ty, SEGW, HAS_IGN, HAS_DELTA, BITS)
-    M = tl.maximum(tl.max(u, axis=1), eta)
+    M = _negatives_max(u, p, eta, 1)
     e = tl.where(valid, tl.exp(u - M[:, None]), 0.0)
     e_eta = tl.exp(eta - M)
     A = tl.sum(tl.where(p, 0.0, e), axis=1) + e_eta
@@ -97,7 +100,7 @@ def _tile_small(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
     npos = tl.sum(p.to(tl.int32), axis=1)
     D = A[:, None] + e
     loss = tl.where(npos == 0, tl.log(A) + M - eta,
-                    tl.sum(tl.where(p, wp * (tl.log(D) + M[:, None] - u), 0.0), axis=1))
+                    tl.sum(tl.where(p, _pos_loss(wp, A[:, None], u - M[:, None]), 0.0), axis=1))
     S = tl.where(npos == 0, 1.0 / A, tl.sum(tl.where(p, wp / D, 0.0), axis=1))
     _store_grad(z_ptr, off, inr, valid, p, e, wp, A[:, None], S[:, None], scale)
     return loss, e_eta * S - (npos == 0).to(acc_ty)
@@ -122,7 +125,7 @@ def _tile_large(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
         np_l += p.to(tl.int32)
         pu_l += tl.where(p, u, 0.0)
         pw_l += _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
-    M = tl.maximum(tl.max(m_l, axis=1), eta)
+    M = _floored(tl.maximum(tl.max(m_l, axis=1), eta))
     A = tl.sum(tl.where(s_l == 0.0, 0.0, s_l * tl.exp(m_l - M[:, None])), axis=1)
     npos = tl.sum(np_l, axis=1)
     e_eta, A, loss, S = _finish(M, A, eta, npos, tl.sum(pu_l, axis=1), tl.sum(pw_l, axis=1))
@@ -135,7 +138,7 @@ def _tile_large(z_ptr, pos_ptr, ign_ptr, w_ptr, delta_ptr, start, end, eta, scal
                                                     HAS_DELTA, BITS)
             wp = _pos_weight(w_ptr, col, p, acc_ty, HAS_W)
             D = A[:, None] + tl.exp(u - M[:, None])
-            l_l += tl.where(p, wp * (tl.log(D) + M[:, None] - u), 0.0)
+            l_l += tl.where(p, _pos_loss(wp, A[:, None], u - M[:, None]), 0.0)
             sp_l += tl.where(p, wp / D, 0.0)
         several = npos > 1
         loss = tl.where(several, tl.sum(l_l, axis=1), loss)

@@ -177,6 +177,19 @@ def test_fp32_error_no_worse_than_reference_in_fp32(seed):
             f"{name}: fp32 kernel error {err:.3g} vs fp32 reference error {ref_err:.3g}"
 
 
+@pytest.mark.parametrize("identity", [False, True])
+def test_huge_logits_with_several_positives(identity):
+    """Logits at scale 150 with many positives: positives hundreds apart in one segment,
+    negatives far below the top one (with the positives in the shift, A and the lower
+    positives' exp(u_p - M) underflowed together in fp32: loss -inf). Short segments, runs
+    and blocks of lanes, as the fp64 reference."""
+    data = make(3, 2609, 14, 5, dtype=torch.float32, p_pos=0.3, scale=150.0,
+                sizes=SHAPES[-1][3], identity=identity)
+    got = run_cpu(*data, order=None if identity else "seg")
+    assert torch.isfinite(got[0]).all()
+    assert_close(got, run_ref(*data, dtype=torch.float64), 1e-5, 1e-6, "scale 150")
+
+
 HALF_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 

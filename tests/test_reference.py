@@ -1,9 +1,13 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import shl_kernels as shl
+
+# The backends that take CPU tensors here (Triton through its interpreter, see conftest).
+CPU_BACKENDS = [b for b in shl.available_backends() if b != "cuda"]
 
 
 def _seg(C, sizes, gen):
@@ -114,6 +118,63 @@ def test_nan_propagates_and_huge_logits():
     loss = shl.segmented_harmonic_loss(z, torch.tensor([[1, 0, 0], [0, 0, 0]]), seg,
                                        reduction="none")
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
+
+
+def _spec_loss(u, pos, eta):
+    """SPEC section 3 for one segment, term by term with logsumexp in float64 (an oracle
+    that shares no code with the reference)."""
+    neg = [x for x, y in zip(u, pos, strict=True) if not y]
+    if not any(pos):
+        return torch.logsumexp(torch.tensor([eta, *u], dtype=torch.float64), 0).item() - eta
+    return sum(torch.logsumexp(torch.tensor([eta, x, *neg], dtype=torch.float64), 0).item() - x
+               for x, y in zip(u, pos, strict=True) if y)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_huge_logits_with_several_positives(backend):
+    """Two positives far apart above negatives far below: the shift is the max of eta and
+    the negatives (with the top positive in it, A and the lower positive's exp(u_p - M) both
+    underflowed in float32: loss -inf). Loss and gradient in float32 as in float64; the
+    float64 loss as the spec's formula term by term."""
+    seg = shl.Segmentation.from_segments([[0, 1, 2, 3, 4, 5], [6, 7]], 8)
+    z = torch.tensor([[200.0, -100.0, -100.5, -150.0, 50.0, -300.0, 120.0, -90.0],
+                      [-300.0, 300.0, -200.0, -250.0, -320.0, 0.0, 1e4, -1e4]])
+    y = torch.tensor([[1, 1, 0, 0, 1, 0, 1, 1], [1, 1, 0, 0, 0, 0, 1, 0]])
+    eta = torch.tensor([0.0, -400.0])
+    got = {}
+    for dt in (torch.float32, torch.float64):
+        zz = z.to(dt).requires_grad_()
+        loss = shl.segmented_harmonic_loss(zz, y, seg, null_logits=eta.to(dt), reduction="none",
+                                           backend=backend)
+        got[dt] = (loss.detach(), torch.autograd.grad(loss.sum(), zz)[0])
+    assert torch.isfinite(got[torch.float32][0]).all()
+    for a, b in zip(got[torch.float32], got[torch.float64], strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+    for i in range(2):
+        want = sum(_spec_loss(z[i, c].tolist(), y[i, c].tolist(), eta[k].item())
+                   for k, c in enumerate(([0, 1, 2, 3, 4, 5], [6, 7])))
+        assert abs(got[torch.float64][0][i].item() - want) <= 1e-12 * abs(want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_infinite_positive_logits_and_segments_of_positives_alone(backend):
+    """A +inf positive makes the loss NaN and a -inf one +inf (inf propagates); a segment of
+    positives alone with eta = -inf has D_p = exp(u_p): loss 0, gradient 0, no NaN."""
+    seg = shl.Segmentation.from_segments([[0, 1], [2, 3]], 4)
+    y = torch.tensor([[1, 0, 1, 1]])
+    eta = torch.tensor([0.0, float("-inf")])
+
+    def loss(z):
+        return shl.segmented_harmonic_loss(z, y, seg, null_logits=eta, reduction="sum",
+                                           backend=backend)
+
+    assert loss(torch.tensor([[float("inf"), 0.0, 1.0, 2.0]])).isnan()
+    assert loss(torch.tensor([[float("-inf"), 0.0, 1.0, 2.0]])) == math.inf
+    z = torch.tensor([[3.0, 0.0, 1.0, 2.0]], requires_grad=True)
+    total = loss(z)
+    (g,) = torch.autograd.grad(total, z)
+    assert abs(total.item() - _spec_loss([3.0, 0.0], [1, 0], 0.0)) < 1e-6
+    assert torch.equal(g[0, 2:], torch.zeros(2))
 
 
 def test_segment_probs_follow_the_spec_formula():

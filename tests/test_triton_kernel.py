@@ -218,6 +218,20 @@ def test_extreme_logits(dtype, kernel):
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
+def test_huge_logits_with_several_positives(kernel):
+    """Logits at scale 150 with many positives (with the positives in the shift, A and the
+    lower positives' exp(u_p - M) underflowed together in fp32: loss -inf): single-load
+    and loop paths, as the fp64 reference."""
+    x = _inputs(_problem(3, [17, 1, 33, 2, 70, 5], seed=29, pos_p=0.3, scale=150.0),
+                torch.float32)
+    got = run_fused(x, "none", kernel)
+    assert torch.isfinite(got[0]).all()
+    want = run_reference(x, "none")
+    assert_all_close(got[:1] + got[2:3], want[:1] + want[2:3], 1e-5, 1e-4)  # loss, eta
+    assert_all_close(got[1:2], want[1:2], 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_nan_and_inf_propagate(kernel):
     p = _problem(9, [20, 4, 1, 7], seed=19, pos_p=0.0, ign_p=0.0)
     off = p["seg"].offsets.tolist()
