@@ -29,6 +29,31 @@ namespace {
 // takes the same number of runs, so the lanes stay in step (see row_loss_flat).
 constexpr int kFlatRun = 4;
 
+// Steps p over [a, b) as both passes do: run(p) for a run of kFlatRun positions inside one
+// segment, else one(p) label by label up to the next run's start, after next(p) where a
+// segment ends at p. next updates s1 (the caller's end of the current segment, read here
+// through the reference).
+template <class Run, class One, class Next>
+__device__ __forceinline__ void step_in_runs(int a, int b, const int& s1, Run run, One one,
+                                             Next next) {
+  int lim = s1 < b ? s1 : b;  // runs end at the segment's end or the range's
+  for (int p = a;;) {
+    if (p + kFlatRun <= lim) {  // the usual case tests p alone
+      run(p);
+      p += kFlatRun;
+      continue;
+    }
+    if (p >= b) break;
+    const int e = p + kFlatRun < b ? p + kFlatRun : b;
+#pragma unroll 1
+    for (; p < e; ++p) {
+      if (p == s1) next(p);
+      one(p);
+    }
+    lim = s1 < b ? s1 : b;
+  }
+}
+
 template <class A>
 struct Carry {  // a value of the segmented scan
   Part<A, int> x;  // pass-1 statistics of the segment open at the end of the window
@@ -187,28 +212,15 @@ __device__ A row_loss_flat(const Params<T, A>& P, const Row& R, int64_t row,
         head = x, head_k = k;
       }
     };
-    // Runs end at `lim` (the segment's end or the range's): the usual case tests p alone.
-    int lim = s1 < r.b ? s1 : r.b;
-    for (int p = r.a;;) {
-      if (p + kFlatRun <= lim) {
-        accumulate_run<kFlatRun>(R, p, x);
-        p += kFlatRun;
-        continue;
-      }
-      if (p >= r.b) break;
-      const int e = p + kFlatRun < r.b ? p + kFlatRun : r.b;
-#pragma unroll 1
-      for (; p < e; ++p) {
-        if (p == s1) {
+    step_in_runs(
+        r.a, r.b, s1, [&](int p) { accumulate_run<kFlatRun>(R, p, x); },
+        [&](int p) { accumulate_one(R, p, x); },
+        [&](int p) {
           settle(p);
           do ++k; while (offset(k + 1) <= p);  // skips empty segments
           s0 = p, s1 = offset(k + 1), ps = p, eta = eta_of(k);
           x = X::start(eta);
-        }
-        accumulate_one(R, p, x);
-      }
-      lim = s1 < r.b ? s1 : r.b;
-    }
+        });
     if (r.b == s1) {
       settle(r.b);
     } else {
@@ -230,27 +242,15 @@ __device__ A row_loss_flat(const Params<T, A>& P, const Row& R, int64_t row,
   if (r.a < r.b) {
     int k = r.k0, s1 = offset(k + 1), ps = r.a;
     Closed<A> c = scaled_for_gradients(stats[k - W.k0], P.scale);
-    int lim = s1 < r.b ? s1 : r.b;
-    for (int p = r.a;;) {
-      if (p + kFlatRun <= lim) {
-        gradient_run<kFlatRun>(R, p, c);
-        p += kFlatRun;
-        continue;
-      }
-      if (p >= r.b) break;
-      const int e = p + kFlatRun < r.b ? p + kFlatRun : r.b;
-#pragma unroll 1
-      for (; p < e; ++p) {
-        if (p == s1) {
+    step_in_runs(
+        r.a, r.b, s1, [&](int p) { gradient_run<kFlatRun>(R, p, c); },
+        [&](int p) { gradient_one(R, p, c); },
+        [&](int p) {
           positive_gradients(R, ps, p, 0, 1, c);
           do ++k; while (offset(k + 1) <= p);
           s1 = offset(k + 1), ps = p;
           c = scaled_for_gradients(stats[k - W.k0], P.scale);
-        }
-        gradient_one(R, p, c);
-      }
-      lim = s1 < r.b ? s1 : r.b;
-    }
+        });
     positive_gradients(R, ps, r.b, 0, 1, c);
   }
   if (sh->any_empty) {  // segments without labels: the null event alone
