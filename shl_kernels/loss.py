@@ -142,7 +142,8 @@ def segmented_harmonic_loss(logits: torch.Tensor, targets, seg: Segmentation, *,
                         "float16 or bfloat16")
     C = logits.shape[1]
     if C != seg.num_labels:
-        raise ValueError(f"logits: has {C} labels, the segmentation {seg.num_labels}")
+        raise ValueError(f"logits: has {C} labels, the segmentation {seg.num_labels}; segment "
+                         "the label set the model predicts (num_labels = logits.shape[1])")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     name = resolve(backend, logits.device)

@@ -160,7 +160,8 @@ class Segmentation:
             raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
         if linear.out_features != self.num_labels:
             raise ValueError(f"linear: has {linear.out_features} outputs, the segmentation "
-                             f"{self.num_labels} labels")
+                             f"{self.num_labels} labels; pass the head whose outputs it "
+                             "segments")
         head = linear if inplace else copy.deepcopy(linear)
         idx = self.order.to(head.weight.device)
         with torch.no_grad():

@@ -33,7 +33,7 @@ def test_auto_backend_and_unavailable():
 
 @pytest.mark.parametrize("bad, match", [
     ({"logits": torch.randn(4)}, "logits"),
-    ({"logits": torch.randn(2, 5)}, "logits"),
+    ({"logits": torch.randn(2, 5)}, "logits: has 5 labels.*num_labels"),
     ({"targets": torch.zeros(3, 4)}, "targets"),
     ({"targets": (torch.tensor([0, 1, 1]), torch.tensor([9]))}, "targets"),
     ({"targets": (torch.tensor([0, 2, 2]), torch.tensor([1, 1]))}, "duplicate"),
