@@ -292,9 +292,11 @@ def _shl_kernel(z_ptr, pos_ptr, ign_ptr, order_ptr, off_ptr, w_ptr, eta_ptr, del
         k0 = item
         k1 = item + 1
     else:
+        # A window takes the segments that start in it; the last one also those that start
+        # at C (empty segments at the end, which no window holds).
         lo = item.to(tl.int64) * window
         k0 = _lower_bound(off_ptr, m, lo, n_iter)
-        k1 = _lower_bound(off_ptr, m, tl.minimum(lo + window, C), n_iter)
+        k1 = tl.where(lo + window >= C, m, _lower_bound(off_ptr, m, lo + window, n_iter))
     row_off = row.to(tl.int64) * C
     # grad_scale arrives as two fp32 halves so fp64 keeps ~48 bits of it.
     scale = tl.cast(scale_hi, acc_ty) + tl.cast(scale_lo, acc_ty)

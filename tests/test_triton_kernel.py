@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from test_cuda_kernel import with_empty_segments
 
 import shl_kernels as shl
 from shl_kernels import triton_shl, triton_staged
@@ -310,6 +311,29 @@ def test_poisoned_grad_out_fully_written(dtype, staged):
     assert grad is poisoned and not torch.isnan(grad).any()
     assert torch.equal(grad, fresh[1]) and torch.equal(loss, fresh[0])
     assert torch.equal(geta, fresh[2])
+
+
+@pytest.mark.parametrize("window", [None, 0, 1, 9, 40, 10**6, "staged"])
+def test_empty_segments_add_only_a_null_event(window, monkeypatch):
+    """Empty segments (raw offsets only) at the start, in the middle and at the end (at C:
+    no window holds them, the last one takes them) change nothing else, and their own eta
+    gradient is exactly 0: every output allocated NaN-poisoned, so each must be written."""
+    x = _inputs(_problem(3, [20, 1, 4, 9], seed=41), F64)
+    kw = {"staged": True} if window == "staged" else {"window": window, "staged": False}
+    base = _direct(x, **kw)
+    offsets, eta, keep, empty = with_empty_segments(x["seg"].offsets, x["eta"], [0, 2, 4, 4])
+    assert offsets[-2] == offsets[-1]  # two empty segments at the end
+    seg = shl.Segmentation(x["seg"].num_labels, x["seg"].order, offsets, x["seg"].label_counts)
+    empty_alloc = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty_alloc(*a, **k).fill_(
+        float("nan") if k.get("dtype", torch.float32).is_floating_point else -1))
+    loss, grad, geta = _direct(dict(x, seg=seg, eta=eta.to(DEV)), **kw)
+    def rows(part):  # window 0: [B, m] partial losses, a program per segment
+        return part.sum(1) if part.dim() == 2 else part
+
+    for got, want in ((rows(loss), rows(base[0])), (grad, base[1]), (geta[:, keep], base[2])):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    assert torch.equal(geta[:, empty], torch.zeros(3, len(empty), dtype=F64, device=DEV))
 
 
 @pytest.mark.parametrize("window", [0, 10**6, "staged"])
