@@ -194,6 +194,11 @@ def _fused_loss(name: str, logits: torch.Tensor, targets, seg: Segmentation, lab
     z = logits if logits.is_contiguous() else logits.contiguous()
     if inplace and z is not logits:
         raise ValueError("inplace: logits must be contiguous to be overwritten")
+    if inplace and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        # as torch's own in-place ops on such leaves: its values would become the gradient
+        raise ValueError("inplace: logits is a leaf that requires grad (a parameter?), whose "
+                         "values would be replaced by the gradient; pass a layer's output or "
+                         "inplace=False")
     return FusedSHL.apply(fused_kernel(name), z, pos, ign, order, offsets, cast(w), cast(eta),
                           cast(delta), reduction, inplace)
 

@@ -133,6 +133,8 @@ meta = torch.device("meta")
     ({"reduction": "avg"}, ValueError, "reduction"),
     ({"seg": [[0, 1], [2, 3]]}, TypeError, "seg: expected a shl_kernels.Segmentation"),
     ({"inplace": True, "backend": "torch"}, ValueError, "inplace: needs a fused backend"),
+    ({"inplace": True, "backend": "cpu", "logits": torch.randn(2, 4, requires_grad=True)},
+     ValueError, "inplace: logits is a leaf that requires grad"),
 ])
 def test_every_spec_error_names_the_argument(kw, err, match):
     with pytest.raises(err, match=match):
