@@ -387,7 +387,9 @@ void positive_events(const Args<A>& a, const SegRow<A>& r, Positive<A>* plist, s
   while (q < n) {
     while (a.off[k + 1] <= plist[q].posn) ++k;  // the segment holding this positive
     const A M = r.M[k], Aden = r.e_eta[k] + r.sneg[k];
-    A loss = 0, F = 0;
+    // summed in double: a segment may hold thousands of positives (float32 sums of 18k
+    // lost 3.5e-5 of the loss)
+    double loss = 0, F = 0;
     for (; q < n && plist[q].posn < a.off[k + 1]; ++q) {
       Positive<A>& p = plist[q];
       const PositiveEvent<A> ev = positive_event(a.w ? a.w[p.c] : A(1), Aden, p.u - M);
@@ -395,9 +397,9 @@ void positive_events(const Args<A>& a, const SegRow<A>& r, Positive<A>* plist, s
       p.g = -ev.f * Aden;  // -w A / D
       F += ev.f;
     }
-    r.loss[k] = loss;
-    r.f[k] = F * a.scale;
-    geta[k] = r.e_eta[k] * F * a.scale;
+    r.loss[k] = A(loss);
+    r.f[k] = A(F) * a.scale;
+    geta[k] = r.e_eta[k] * A(F) * a.scale;
   }
 }
 
