@@ -326,7 +326,7 @@ def test_empty_segments_add_only_a_null_event(window, monkeypatch):
     seg = shl.Segmentation(x["seg"].num_labels, x["seg"].order, offsets, x["seg"].label_counts)
     empty_alloc = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty_alloc(*a, **k).fill_(
-        float("nan") if k.get("dtype", torch.float32).is_floating_point else -1))
+        float("nan") if (k.get("dtype") or torch.get_default_dtype()).is_floating_point else -1))
     loss, grad, geta = _direct(dict(x, seg=seg, eta=eta.to(DEV)), **kw)
     def rows(part):  # window 0: [B, m] partial losses, a program per segment
         return part.sum(1) if part.dim() == 2 else part
