@@ -3,11 +3,14 @@
 A backend kernel has the signature of `FusedKernel`: it computes the per-row SHL loss and,
 in the same pass, the gradient, both already multiplied by `grad_scale` (1/B for "mean"), so
 the reduced loss is one sum. Backward only rescales the gradient by the upstream gradient, so
-the common case (upstream 1) is free.
+the common case (upstream 1) is free. fp16 logits under a loss scale (GradScaler) are the
+exception: see take_grad.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 import weakref
 from typing import Protocol
 
@@ -93,13 +96,13 @@ class FusedSHL(torch.autograd.Function):
             torch.autograd.graph.increment_version(z)
         # Kept on ctx, not saved: backward hands this buffer to autograd as the gradient,
         # so no second [B, C] buffer is ever made (save_for_backward would force a copy).
-        ctx.grad_buffer, ctx.grad_eta = grad, grad_eta
+        ctx.grad_buffer, ctx.grad_eta, ctx.grad_dtype = grad, grad_eta, z.dtype
         # Summed over rows by the kernel (reduce): take_grad scales it with the gradient.
         ctx.eta_summed = grad_eta is not None and grad_eta.dim() == 1
         ctx.reduction = reduction
         if not inplace:  # a second backward (retain_graph, gradcheck) recomputes the buffer
-            ctx.recompute = Recompute(lambda z, pos, ign: kernel(
-                z, pos, ign, order, offsets, w, eta, delta, scale, need_eta, **kw)[1:],
+            ctx.recompute = Recompute(lambda z, pos, ign, factor=1.0: kernel(
+                z, pos, ign, order, offsets, w, eta, delta, scale * factor, need_eta, **kw)[1:],
                 z, pos, ign)
         ctx.delta_dtype = None if delta is None else delta.dtype
         if reduction == "none":  # scale 1: the row losses
@@ -114,8 +117,8 @@ class FusedSHL(torch.autograd.Function):
         gz, g, grad_eta = take_grad(ctx, go, ctx.reduction, scale_extra=ctx.eta_summed)
         geta = None
         if grad_eta is not None:
-            if g is None:
-                geta = (grad_eta * go.to(grad_eta.dtype).unsqueeze(1)).sum(0)
+            if ctx.reduction == "none":  # g: the rows' upstream gradient left to apply
+                geta = (grad_eta * g.to(grad_eta.dtype).unsqueeze(1)).sum(0)
             elif ctx.eta_summed:  # scaled by take_grad
                 geta = grad_eta
             else:
@@ -130,20 +133,28 @@ class FusedSHL(torch.autograd.Function):
 
 
 class Recompute:
-    """Runs the forward kernel again for a second backward. The logits are held by a weak
-    reference (a strong one would keep them alive until backward); the uint8 target and
-    ignore masks (a quarter of an fp32 gradient at most) are held."""
+    """Runs the forward kernel again, for a second backward or with the upstream gradient
+    folded into its scale (`factor`). The logits are held by a weak reference (a strong one
+    would keep them alive until backward), except fp16 logits, whose gradient take_grad
+    recomputes under a loss scale; the uint8 target and ignore masks (a quarter of an fp32
+    gradient at most) are held."""
 
     def __init__(self, fn, z: torch.Tensor, *masks: torch.Tensor | None) -> None:
-        self.fn, self.z, self.masks = fn, weakref.ref(z), masks
+        self.fn, self.masks = fn, masks
+        self.z = (lambda: z) if z.dtype == torch.float16 else weakref.ref(z)
         self.versions = [t._version for t in (z, *masks) if t is not None]
 
-    def __call__(self):
+    def ready(self) -> bool:
+        """The logits are alive and neither they nor the masks changed since the forward."""
         z = self.z()
-        if z is None or [t._version for t in (z, *self.masks) if t is not None] != self.versions:
+        return z is not None and [t._version for t in (z, *self.masks)
+                                  if t is not None] == self.versions
+
+    def __call__(self, factor: float = 1.0):
+        if not self.ready():
             return None
         with torch.no_grad():
-            return self.fn(z, *self.masks)
+            return self.fn(self.z(), *self.masks, factor)
 
 
 def take_grad(ctx, go: torch.Tensor, reduction: str, scale_extra: bool = False):
@@ -153,12 +164,36 @@ def take_grad(ctx, go: torch.Tensor, reduction: str, scale_extra: bool = False):
     scale_extra: for "mean"/"sum", scale the extra buffer by `go` too (in the same op on
     the device).
     Returns (grad, upstream gradient (a float, or a 0-dim tensor when not read on the host;
-    None for reduction "none"), extra buffer).
+    for reduction "none" the tensor applied to the rows; 1.0 once folded into a recomputed
+    buffer), extra buffer).
+    The Function's forward sets ctx.grad_dtype (the logits' dtype).
     Shared by every fused loss Function."""
     grad = ctx.__dict__.pop("grad_buffer", None)
     extra = ctx.__dict__.pop("grad_eta", None)
+    recompute = getattr(ctx, "recompute", None)
+    if ctx.grad_dtype == torch.float16 and recompute is None and reduction != "none" \
+            and abs(float(go)) > 16.0:
+        warnings.warn("inplace=True with fp16 logits and a loss scale (upstream gradient "
+                      f"{float(go):g}): the gradient was rounded to fp16 before the scale, so "
+                      "its small entries lost precision or became 0; pass inplace=False "
+                      "(the kernel then runs again with the scale) or use bf16", stacklevel=3)
+    if (ctx.grad_dtype == torch.float16 and recompute is not None and recompute.ready()
+            and go.dim() <= 1 and go.numel()):
+        # fp16 gradients were rounded at the forward's scale (1/B for "mean"), where many are
+        # subnormal or 0; a loss scale (GradScaler: 2^16) would only scale that rounding up.
+        # The kernel runs again with the upstream gradient folded into its scale, as torch
+        # rounds after scaling; rows ("none") take their smallest nonzero magnitude (no
+        # overflow where torch's gradient has none), then the rest of theirs.
+        factor = float(go.abs().where(go != 0, math.inf).min()) if go.dim() else float(go)
+        if factor not in (0.0, 1.0) and math.isfinite(factor):
+            grad = extra = None  # (freed before the kernel allocates the new ones)
+            again = recompute(factor)
+            grad, extra = again if isinstance(again, tuple) else (again, None)
+            if reduction != "none":
+                return grad, 1.0, extra
+            go = go / factor
     if grad is None:
-        again = ctx.recompute() if hasattr(ctx, "recompute") else None
+        again = recompute() if recompute is not None else None
         if again is None:
             raise RuntimeError(
                 "second backward through a fused loss: its gradient was handed to autograd "
@@ -166,9 +201,9 @@ def take_grad(ctx, go: torch.Tensor, reduction: str, scale_extra: bool = False):
                 "since the forward); use backend='torch' or compute the loss again")
         grad, extra = again if isinstance(again, tuple) else (again, None)
     if reduction == "none":
-        grad.mul_(go.to(grad.dtype) if go.dim() == grad.dim() else
-                  go.to(grad.dtype).unsqueeze(1))
-        return grad, None, extra
+        # (go in its own dtype: rounded to fp16 first, a loss scale of 2^16 would be inf)
+        grad.mul_(go if go.dim() == grad.dim() else go.unsqueeze(1))
+        return grad, go, extra
     both = scale_extra and extra is not None
     if not sync_for_upstream(grad):
         # small GPU buffer: a pass costs less than stalling the host; one op for both

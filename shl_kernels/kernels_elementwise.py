@@ -121,7 +121,7 @@ class FusedElementwise(torch.autograd.Function):
         scale = 1.0 / (B * C) if (reduction == "mean" and B * C > 0) else 1.0
         need_grad = ctx.needs_input_grad[1]
 
-        def run(z, pos, ign, with_grad=True):
+        def run(z, pos, ign, factor=1.0, with_grad=True):
             grad = torch.empty_like(z) if with_grad else None
             if reduction == "none":
                 out = torch.empty_like(z)
@@ -132,14 +132,14 @@ class FusedElementwise(torch.autograd.Function):
             # where a small batch's step is launch-bound); an empty batch sums to 0 here.
             total = torch.empty((), dtype=acc, device=z.device) if B else \
                 torch.zeros((), dtype=acc, device=z.device)
-            kernel(z, pos, ign, weight, pos_weight, spec, scale, loss_rows=rows, grad=grad,
-                   loss_total=total if B else None)
+            kernel(z, pos, ign, weight, pos_weight, spec, scale * factor, loss_rows=rows,
+                   grad=grad, loss_total=total if B else None)
             return total, grad
 
-        out, grad = run(z, pos, ign, need_grad)
+        out, grad = run(z, pos, ign, with_grad=need_grad)
         if out.dtype != z.dtype:  # (the loss in the logits' dtype, as torch's losses)
             out = out.to(z.dtype)
-        ctx.grad_buffer, ctx.reduction = grad, reduction  # see fused.take_grad
+        ctx.grad_buffer, ctx.reduction, ctx.grad_dtype = grad, reduction, z.dtype  # take_grad
         ctx.recompute = Recompute(lambda *t: run(*t)[1], z, pos, ign)
         return out
 

@@ -289,3 +289,100 @@ def test_fused_forward_is_one_kernel_and_at_most_one_reduction(backend, reductio
         work = [op for op in seen.ops
                 if not op.startswith(("empty", "zeros", "view", "alias", "detach"))]
         assert work == [], (fn.__name__, seen.ops)
+
+
+def _device(backend: str) -> str:
+    """Where `backend` runs here (Triton on CPU tensors under its interpreter)."""
+    return "cpu" if backend in ("cpu", "torch") or not torch.cuda.is_available() else "cuda"
+
+
+def _fp16_problem(B=24, C=900, m=30, seed=0):
+    """fp16 logits whose mean-reduced gradients are mostly below fp16's smallest normal
+    (6.1e-5): the range a loss scale (GradScaler) lifts them out of."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(C, generator=g)
+    cuts = (torch.randperm(C - 1, generator=g)[: m - 1] + 1).sort().values
+    seg = shl.Segmentation(C, order, torch.cat([torch.tensor([0]), cuts, torch.tensor([C])]),
+                           torch.zeros(C, dtype=torch.int64))
+    z = (torch.randn(B, C, generator=g) * 2 - 4).half()
+    return seg, z, torch.rand(B, C, generator=g) < 0.01
+
+
+def _rel_error(got, exact):
+    """Largest relative error over the entries of magnitude >= 1e-3 (the others: fp16's
+    subnormals after scaling, where torch rounds too)."""
+    big = exact.abs() >= 1e-3
+    assert got[big].isfinite().all()  # (where torch would overflow, the test is void)
+    return ((got.double() - exact).abs() / exact.abs())[big].max().item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b != "torch"])
+def test_fp16_gradients_under_a_loss_scale_no_worse_than_torch(backend, reduction):
+    # The fused forward rounds the gradient to fp16 at scale 1/B, where most entries are
+    # subnormal; times GradScaler's 2^16 that rounding was 100% of some entries (and an
+    # upstream of 2^16 rounded to fp16 was inf). Backward now runs the kernel again with
+    # the scale folded in (rows: their smallest), as torch rounds after scaling.
+    seg, z, pos = _fp16_problem()
+    eta0 = torch.zeros(seg.num_segments)
+    if reduction == "mean":
+        up = torch.tensor(65536.0)
+    else:  # per-row weights under the scale, one row left out
+        up = 16384.0 * (torch.rand(z.shape[0], generator=torch.Generator().manual_seed(1))
+                        + 0.5)
+        up[0] = 0.0
+    grads = {}
+    for b, dt in ((backend, torch.float16), ("torch", torch.float16),
+                  ("torch", torch.float64)):
+        dev = _device(b)
+        x = z.to(dev, dt).clone().requires_grad_()
+        eta = eta0.to(dev, torch.float64 if dt == torch.float64 else torch.float32)
+        eta.requires_grad_()
+        loss = shl.segmented_harmonic_loss(x, pos.to(dev), seg, null_logits=eta,
+                                           reduction=reduction, backend=b)
+        grads[(b, dt)] = [g.cpu() for g in torch.autograd.grad(loss, (x, eta),
+                                                               up.to(dev, loss.dtype))]
+    exact = grads[("torch", torch.float64)]
+    ours, torch16 = grads[(backend, torch.float16)], grads[("torch", torch.float16)]
+    assert _rel_error(ours[0], exact[0]) <= 2 * _rel_error(torch16[0], exact[0]) + 1e-6
+    torch.testing.assert_close(ours[1].double(), exact[1], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b != "torch"])
+def test_fp16_loss_scale_recomputes_each_backward(backend):
+    # the elementwise losses take the same path; a second backward (retain_graph) with
+    # another scale gets its own recomputation; logits changed in place since the forward
+    # leave the forward's buffer, scaled (no recomputation from other values)
+    seg, z, pos = _fp16_problem(C=300, m=10)
+    dev = _device(backend)
+    z, pos = z.to(dev), pos.to(dev)
+    for fn in (lambda x, b: shl.segmented_harmonic_loss(x, pos, seg, backend=b),
+               lambda x, b: shl.bce_loss(x, pos, backend=b)):
+        exact = z.double().requires_grad_()
+        gx = torch.autograd.grad(fn(exact, "torch"), exact)[0].cpu()
+        x = z.clone().requires_grad_()
+        loss = fn(x, backend)
+        # (BCE's loss is fp16, as torch's: its upstream gradient too, so below 65504)
+        (g1,) = torch.autograd.grad(loss, x, torch.tensor(16384.0, device=dev),
+                                    retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, x, torch.tensor(1024.0, device=dev))
+        for g, s in ((g1, 16384.0), (g2, 1024.0)):
+            assert _rel_error(g.cpu(), gx * s) < 2e-3  # fp16 rounding once, not 100%
+        loss = fn(x, backend)
+        with torch.no_grad():
+            x.add_(0)
+        (g3,) = torch.autograd.grad(loss, x, torch.tensor(16384.0, device=dev))
+        g3 = g3.cpu()
+        assert g3.isfinite().all() and _rel_error(g3, gx * 16384.0) > 2e-3  # (rounded first)
+
+
+@pytest.mark.parametrize("backend", [b for b in shl.available_backends() if b != "torch"])
+def test_fp16_inplace_under_a_loss_scale_warns(backend):
+    seg, z, pos = _fp16_problem(C=300, m=10)
+    dev = _device(backend)
+    x = z.to(dev).requires_grad_()
+    loss = shl.segmented_harmonic_loss(x.clone(), pos.to(dev), seg, backend=backend,
+                                       inplace=True)
+    with pytest.warns(UserWarning, match="pass inplace=False"):
+        loss.backward(torch.tensor(65536.0, device=dev))
+    assert x.grad.isfinite().all()
