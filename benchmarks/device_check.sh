@@ -7,7 +7,7 @@
 # Every step is timed and bounded; a failing step is reported and the next ones still run.
 # The whole script stays under ~8 minutes. Logs and results go to ${OUT:-benchmarks/results}:
 # one log per step plus bench_loss's CSV; a device run brings back at most 8 files from $OUT,
-# so pick steps with STEPS (all of them make 12).
+# so pick steps with STEPS (all of them make 13).
 # Usage: bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,6 +106,11 @@ TAIL=90 step profile 90 bash -c "$PY benchmarks/profile_step.py --direct-ab; \
 TAIL=25 step gpu_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST4[@]+"${XDIST4[@]}"} \
   tests/test_gpu.py tests/test_api.py tests/test_masks.py tests/test_csr_targets.py \
   tests/test_compile.py
+
+# Differential fuzzing of cuda and triton against the float64 reference (random shapes up
+# to 40000 labels, every dtype, option and edge: benchmarks/fuzz_backends.py); a failure
+# prints the seed that replays it.
+TAIL=12 step fuzz 75 "$PY" benchmarks/fuzz_backends.py --device cuda --seconds 60
 
 # Every kernel test file on the GPU: the CUDA kernel's own tests, the small-shape Triton SHL
 # tests (lane and chunk edge cases, tiny BLOCKs) and the GPU backends (cuda, triton) of the

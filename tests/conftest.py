@@ -1,6 +1,8 @@
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,3 +28,13 @@ def compile_sm90():
         assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
 
     return run
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod

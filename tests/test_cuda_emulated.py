@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from dataclasses import astuple
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from shl_kernels.derived import segment_position, segment_schedule
 from shl_kernels.fused import FusedSHL, kernel_outputs
 from shl_kernels.kernels_elementwise import KINDS, ElemSpec, elementwise_cpu
 from shl_kernels.reference import shl_loss_reference
+from shl_kernels.segmentation import Segmentation
 
 ROOT = Path(__file__).resolve().parent.parent
 # SHL_EMU_CSRC: another csrc/ (e.g. an older checkout's) to build, for differential runs.
@@ -638,3 +640,27 @@ def test_csr_to_mask(lib, ptr_dtype, ids_dtype):
             assert cuda[1:3] == cpu[1:3]
             if cpu[1] >= 0 and cpu[2] < C:
                 assert cuda[3] == cpu[3] and torch.equal(out["cuda"][0], out["cpu"][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_positives_in_one_segment_within_the_kept_limit(lib, dtype):
+    """A segment of 18475 labels, 90% of them positive, in the flat schedule: one thread (the
+    segment's closer) sums its positives' losses in a running float32 sum, 4e-5 of the row
+    loss off with bf16 logits (torch: 2e-7). Kept (README, Numerics): segments of labels that
+    never co-occur hold about one positive per row, and a compensated sum there made the
+    default kernel recompute its ranges per row (SASS: +80 instructions). This pins the limit."""
+    g = torch.Generator().manual_seed(3)
+    C = 18475
+    seg = Segmentation.from_segments([torch.randperm(C, generator=g).tolist()], C)
+    z = torch.randn(3, C, generator=g, dtype=torch.float64).to(dtype)
+    pos = torch.rand(3, C, generator=g) < 0.9
+    p = SimpleNamespace(seg=seg, z=z, pos=pos, ign=torch.zeros_like(pos), w=None,
+                        eta=torch.zeros(1), delta=None)
+    exact = shl_loss_reference(z.double(), pos, seg, reduction="none")
+
+    def rel(loss):
+        return ((loss.double() - exact).abs() / exact.abs()).max().item()
+
+    acc = shl_loss_reference(z.float(), pos, seg, reduction="none")
+    got = _fused(lib, p, "none", **KERNELS["staged"])[0]
+    assert rel(got) <= 3 * rel(acc) + 1e-4, (rel(got), rel(acc))

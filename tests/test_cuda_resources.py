@@ -5,12 +5,11 @@ of 512 threads (three of 256) resident per SM, and (where nvdisasm is) the kerne
 csrc/shl_cuda.cu pushes ptxas past its 64 registers; benchmarks/cuda_resources.py shows all."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -18,11 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("cuda_resources",
-                                                  ROOT / "benchmarks" / "cuda_resources.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("cuda_resources")
     kernels = {}
     for source in ("shl_cuda.cu", "elementwise_cuda.cu"):
         kernels.update({k.name: k for k in mod.ptxas_report(ROOT / "csrc" / source, "90")})
