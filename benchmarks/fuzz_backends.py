@@ -3,10 +3,11 @@
 Each case is a random problem drawn from its own seed (sizes from 1 label up, segments of
 very unequal sizes, empty segments, shuffled or identity order, every dtype, logit scales up
 to 1000 with -inf entries, positives from none to all, ignore masks, wide label weights,
-null logits and logit offsets, dense/float/CSR targets, every reduction, in place). Every
-backend asked for runs it through the public API; its loss and its gradients of the logits,
-null logits and logit offsets must be no worse than the reference at the case's dtype
-(`backend="torch"`) against the reference in float64, plus a small margin (see `compare`).
+null logits and logit offsets, dense/float/CSR targets, every reduction, in place,
+column-major logits). Every backend asked for runs it through the public API; its loss and
+its gradients of the logits, null logits and logit offsets must be no worse than the
+reference at the case's dtype (`backend="torch"`) against the reference in float64, plus a
+small margin (see `compare`).
 A failure prints the case and the seed that replays it (`--replay SEED`); the exit status
 is 1 when any case failed.
 
@@ -148,6 +149,7 @@ def draw(seed: int, max_labels: int, max_rows: int) -> Case:
               "eta": eta is not None, "delta": delta is not None, "reduction": reduction}
     inplace = r.random() < 0.2
     notes["inplace"] = inplace
+    notes["strided"] = not inplace and r.random() < 0.15  # column-major logits
     return Case(seed, seg, z, targets, pos, ignore, w, eta, delta, reduction, upstream,
                 inplace, notes)
 
@@ -168,6 +170,8 @@ def run(case: Case, backend: str, device: str, dtype: torch.dtype | None = None)
 
     leaf = case.z.to(dev, zdt).requires_grad_()
     z = leaf.clone() if case.inplace and backend != "torch" else leaf
+    if case.notes.get("strided"):
+        z = z.t().contiguous().t()
     eta = None if case.eta is None else to(case.eta, acc).requires_grad_()
     delta = None if case.delta is None else to(case.delta, acc).requires_grad_()
     loss = shl.segmented_harmonic_loss(
