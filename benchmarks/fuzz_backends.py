@@ -145,8 +145,8 @@ def draw(seed: int, max_labels: int, max_rows: int) -> Case:
     upstream = (torch.rand(B if reduction == "none" else (), generator=g, dtype=torch.float64)
                 + 0.5)
     notes = {"dtype": str(dtype).removeprefix("torch."), "segments": shape, "scale": scale,
-              "positives": density, "ignore": ign_p, "targets": form, "weights": wmode,
-              "eta": eta is not None, "delta": delta is not None, "reduction": reduction}
+             "positives": density, "ignore": ign_p, "targets": form, "weights": wmode,
+             "eta": eta is not None, "delta": delta is not None, "reduction": reduction}
     inplace = r.random() < 0.2
     notes["inplace"] = inplace
     notes["strided"] = not inplace and r.random() < 0.15  # column-major logits
@@ -189,7 +189,7 @@ OUTPUTS = ("loss", "grad z", "grad eta", "grad delta")
 
 
 def _bounds(case: Case, ref64: list) -> tuple[list, list]:
-    """Per output, the bound of _compare's error terms: what an error of one unit of
+    """Per output, the bounds of compare's error terms: what an error of one unit of
     rounding per term adds up to (times rtol), and what flushing a float32 exp(u - M) below
     its smallest normal to 0 can cost (times that normal). Both from the per-row and
     segment F = upstream * (1 + the segment's positive weights), which bounds the
