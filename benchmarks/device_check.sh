@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on an H100 (issue 4): build the CUDA extension, run the GPU tests (training
-# shapes, then every kernel test file), run the loss benchmark, measure the kernels' own time
+# shapes, then every kernel test file), fuzz cuda and triton against the float64 reference
+# (benchmarks/fuzz_backends.py), run the loss benchmark, measure the kernels' own time
 # and bandwidth against the device copy bandwidth (benchmarks/kernel_bandwidth.py), profile
 # the staged CUDA kernel with Nsight Compute.
 # Knobs for a targeted rerun: STEPS, DEVICE_SECONDS, BENCH_LOSSES, KERNEL_TESTS_K, GIT_COMMIT.
