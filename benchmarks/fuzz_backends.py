@@ -1,11 +1,13 @@
-"""Differential fuzzing of the fused SHL backends against the float64 reference.
+"""Differential fuzzing of the fused backends (SHL; BCE, focal, ASL) against the float64
+reference.
 
 Each case is a random problem drawn from its own seed (sizes from 1 label up, segments of
 very unequal sizes, empty segments, shuffled or identity order, every dtype, logit scales up
 to 1000 with -inf entries, positives from none to all, ignore masks, wide label weights,
 null logits and logit offsets, dense/float/CSR targets, every reduction, in place,
-column-major logits). Every backend asked for runs it through the public API; its loss and
-its gradients of the logits, null logits and logit offsets must be no worse than the
+column-major logits; or an elementwise loss with its weights and exponents, `--losses`).
+Every backend asked for runs it through the public API; its loss and its gradients of the
+logits, null logits and logit offsets must be no worse than the
 reference at the case's dtype (`backend="torch"`) against the reference in float64, plus a
 small margin (see `compare`).
 A failure prints the case and the seed that replays it (`--replay SEED`); the exit status
@@ -13,6 +15,7 @@ is 1 when any case failed.
 
 Usage: python benchmarks/fuzz_backends.py [--device cpu|cuda] [--backends cpu,triton,cuda]
        [--seconds 60 | --cases N] [--seed 0] [--max-labels N] [--replay SEED]
+       [--losses shl,bce,focal,asl]
 On CPU: the `cpu` kernel; Triton under TRITON_INTERPRET=1 (small cases: --max-labels 300).
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ from shl_kernels.backends import why_unavailable
 from shl_kernels.segmentation import Segmentation
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+LOSSES = ("shl", "bce", "focal", "asl")
+ELEMENTWISE = {"bce": shl.bce_loss, "focal": shl.focal_loss, "asl": shl.asymmetric_loss}
 # Relative tolerance per value the kernels compute in float32 (fast-math exp/log on GPUs) or
 # float64, and for gradients rounded to a 16-bit logit dtype.
 RTOL = {torch.float64: 1e-10, torch.float32: 3e-5}
@@ -56,10 +61,12 @@ class Case:
     upstream: torch.Tensor
     inplace: bool
     notes: dict = field(default_factory=dict)
+    loss: str = "shl"  # or an elementwise loss: w is its `weight`, loss_kw the rest
+    loss_kw: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         B, C = self.z.shape
-        return (f"seed={self.seed} B={B} C={C} m={self.seg.num_segments} "
+        return (f"seed={self.seed} loss={self.loss} B={B} C={C} m={self.seg.num_segments} "
                 + " ".join(f"{k}={v}" for k, v in self.notes.items()))
 
 
@@ -98,8 +105,9 @@ def _segmentation(r: random.Random, C: int) -> tuple[Segmentation, str]:
     return seg, shape + ("/identity" if identity else "/shuffled")
 
 
-def draw(seed: int, max_labels: int, max_rows: int) -> Case:
+def draw(seed: int, max_labels: int, max_rows: int, losses=LOSSES) -> Case:
     r = random.Random(seed)
+    loss = r.choice(losses)
     g = torch.Generator().manual_seed(seed)
     C = max(1, round(max_labels ** r.random()))
     B = r.choice([1, 2, 3, r.randint(1, max_rows)])
@@ -108,7 +116,7 @@ def draw(seed: int, max_labels: int, max_rows: int) -> Case:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     scale = r.choice([1.0, 5.0, 30.0, 150.0, 1000.0])
     z = torch.randn(B, C, generator=g, dtype=torch.float64) * scale
-    if r.random() < 0.1:  # some -inf logits (a label the model rules out)
+    if loss == "shl" and r.random() < 0.1:  # some -inf logits (SPEC 3 says what they do)
         z[torch.rand(B, C, generator=g) < 0.05] = float("-inf")
     z = z.to(dtype)
     density = r.choice([0.0, 0.001, 0.01, 0.1, 0.5, 1.0])
@@ -147,11 +155,29 @@ def draw(seed: int, max_labels: int, max_rows: int) -> Case:
     notes = {"dtype": str(dtype).removeprefix("torch."), "segments": shape, "scale": scale,
              "positives": density, "ignore": ign_p, "targets": form, "weights": wmode,
              "eta": eta is not None, "delta": delta is not None, "reduction": reduction}
-    inplace = r.random() < 0.2
+    inplace = loss == "shl" and r.random() < 0.2
     notes["inplace"] = inplace
     notes["strided"] = not inplace and r.random() < 0.15  # column-major logits
+    loss_kw = {}
+    if loss != "shl":  # no segments, null logits or offsets; an upstream per element
+        eta = delta = None
+        notes["eta"] = notes["delta"] = False
+        if loss != "bce":  # (label weights: BCE's only)
+            w, notes["weights"] = None, "none"
+        if reduction == "none":
+            upstream = torch.rand(B, C, generator=g, dtype=torch.float64) + 0.5
+        loss_kw = {
+            "bce": lambda: {"pos_weight": None if r.random() < 0.5 else
+                            (torch.rand(C, generator=g, dtype=torch.float64) * 3).to(acc)},
+            "focal": lambda: {"alpha": r.choice([0.25, 0.9, -1.0]),
+                              "gamma": r.choice([0.0, 0.5, 2.0])},
+            "asl": lambda: {"gamma_neg": r.choice([0.0, 4.0]), "gamma_pos": r.choice([0.0, 1.0]),
+                            "clip": r.choice([0.0, 0.05]),
+                            "detach_focal_weight": r.random() < 0.5},
+        }[loss]()
+        notes.update({k: v for k, v in loss_kw.items() if not isinstance(v, torch.Tensor)})
     return Case(seed, seg, z, targets, pos, ignore, w, eta, delta, reduction, upstream,
-                inplace, notes)
+                inplace, notes, loss, loss_kw)
 
 
 def run(case: Case, backend: str, device: str, dtype: torch.dtype | None = None):
@@ -174,10 +200,18 @@ def run(case: Case, backend: str, device: str, dtype: torch.dtype | None = None)
         z = z.t().contiguous().t()
     eta = None if case.eta is None else to(case.eta, acc).requires_grad_()
     delta = None if case.delta is None else to(case.delta, acc).requires_grad_()
-    loss = shl.segmented_harmonic_loss(
-        z, to(case.targets), case.seg, label_weights=to(case.w, acc), null_logits=eta,
-        logit_offsets=delta, ignore=to(case.ignore), reduction=case.reduction,
-        backend=backend, inplace=case.inplace and backend != "torch")
+    if case.loss != "shl":
+        kw = {k: to(v, acc) if isinstance(v, torch.Tensor) else v
+              for k, v in case.loss_kw.items()}
+        if case.w is not None:
+            kw["weight"] = to(case.w, acc)
+        loss = ELEMENTWISE[case.loss](z, to(case.targets), ignore=to(case.ignore),
+                                      reduction=case.reduction, backend=backend, **kw)
+    else:
+        loss = shl.segmented_harmonic_loss(
+            z, to(case.targets), case.seg, label_weights=to(case.w, acc), null_logits=eta,
+            logit_offsets=delta, ignore=to(case.ignore), reduction=case.reduction,
+            backend=backend, inplace=case.inplace and backend != "torch")
     wrt = [t for t in (leaf, eta, delta) if t is not None]
     grads = iter(torch.autograd.grad(loss, wrt, case.upstream.to(dev, loss.dtype)))
     out = [loss.detach(), next(grads)]
@@ -198,8 +232,10 @@ def _bounds(case: Case, ref64: list) -> tuple[list, list]:
     grad z: |value| and F; grad eta: the sum of F over rows;
     grad delta: the sums over rows of |grad z| and of F."""
     B = case.z.shape[0]
-    up = case.upstream.expand(B) / (B if case.reduction == "mean" else 1)
     gz = ref64[1].abs().nan_to_num(0, 0, 0)
+    if case.loss != "shl":
+        return _elementwise_bounds(case, ref64, gz)
+    up = case.upstream.expand(B) / (B if case.reduction == "mean" else 1)
     pos = case.pos & ~case.ignore if case.ignore is not None else case.pos
     pw = pos.double() * (1.0 if case.w is None else case.w.double())
     seg_of = case.seg.segment_at_position
@@ -216,20 +252,44 @@ def _bounds(case: Case, ref64: list) -> tuple[list, list]:
     return rounding, flush
 
 
+def _elementwise_bounds(case: Case, ref64: list, gz: torch.Tensor) -> tuple[list, list]:
+    """_bounds of an elementwise loss: |value| for rounding; for the flush (and the torch
+    formulas' own error, see compare), per element (1 + |z|) weight (1 + pos_weight) (a
+    loss term grows like |z|) for the loss, and that times upstream * (1 + gamma) for its
+    gradient (the focal factors times BCE's)."""
+    B, C = case.z.shape
+    n = B * C if case.reduction == "mean" else 1
+    elem = 1 + case.z.double().abs().nan_to_num(0, 0, 0)
+    if case.w is not None:
+        elem = elem * case.w.double()
+    pw = case.loss_kw.get("pos_weight")
+    if pw is not None:
+        elem = elem * (1 + pw.double())
+    gamma = max([v for k, v in case.loss_kw.items() if k.startswith("gamma")], default=0.0)
+    factor = case.upstream.expand(B, C) / n * elem * (1 + gamma)
+    terms = elem if case.reduction == "none" else elem.sum() / n
+    return [ref64[0].abs(), gz, None, None], [terms, factor, None, None]
+
+
 def _kept_limits(case: Case, ref64: list, ref_dt: list) -> dict[str, tuple]:
     """The README's kept limits of 16-bit logits (Numerics), per output: (where a non-finite
     value is accepted, extra atol). fp16 in place under an upstream gradient other than 1:
     the gradient was rounded before the upstream scaled it, so its overflow and subnormal
-    steps are those of the unscaled gradient. Logit offsets: their gradient sums the rounded
+    steps are those of the unscaled gradient; likewise the elementwise losses' "none" (an
+    upstream per element). Logit offsets: their gradient sums the rounded
     grad z, inf where that overflowed (in place, or in torch's own fp16 grad z too)."""
     dt = case.z.dtype
     B, C = case.z.shape
     if dt not in (torch.float16, torch.bfloat16):
         return {}
-    go = case.upstream.expand(B)[:, None] if case.reduction == "none" else case.upstream
+    go = case.upstream
+    if case.reduction == "none" and go.dim() == 1:
+        go = go[:, None]
     unscaled_overflow = torch.zeros(B, C, dtype=torch.bool)
     step = torch.zeros(())
-    if case.inplace and (go != 1).any():  # no recomputation in place
+    # no recomputation in place; none for an upstream per element either
+    rounded_first = case.inplace or (case.loss != "shl" and case.reduction == "none")
+    if rounded_first and (go != 1).any():
         unscaled_overflow = (ref64[1] / go).abs() > torch.finfo(dt).max
         step = 2 * torch.finfo(dt).smallest_normal * torch.finfo(dt).eps * go.abs().max()
     col = (unscaled_overflow | ~ref_dt[1].isfinite()).any(0)
@@ -266,13 +326,22 @@ def compare(case: Case, got: list, ref64: list, ref_dt: list) -> list[str]:
         # to ~1.4e-38) up to 2 tiny per summed value
         terms = B if name in ("grad eta", "grad delta") else 1
         tol, atol = rtol, 1e-300 + tiny * (flush + 2 * terms)
-        if half and name in ("grad z", "grad delta"):
+        if case.loss != "shl":
+            # the elementwise references are torch formulas ((1 - y) z - log_sigmoid(z)):
+            # off by float64's eps times |z| per term where the kernels are exact (checked
+            # in mpmath)
+            atol = atol + torch.finfo(torch.float64).eps * flush
+        if half and (name in ("grad z", "grad delta") or case.loss != "shl"):
+            # (elementwise losses return the loss in the logits' dtype too, as torch's)
             tol, atol = 2 * torch.finfo(dt).eps, atol + terms * sub * max(1.0, upmax)
         inf_ok, step = kept.get(name, (torch.zeros((), dtype=torch.bool), 0.0))
         atol = atol + step
         fin = r.isfinite()
         same = (g == r) | (g.isnan() & r.isnan())
-        bad = ~fin & ~same
+        # (elementwise losses get finite inputs: a non-finite reference is its formula's,
+        # e.g. torchvision focal's gradient of pow(0, gamma < 1), inf * 0; the kernels
+        # give the limits)
+        bad = ~fin & ~same & (case.loss == "shl")
         bad |= fin & ~g.isfinite() & t.isfinite() & ~inf_ok
         both = fin & g.isfinite()
         err = (g - r).abs().where(both, 0)
@@ -316,7 +385,12 @@ def main() -> int:
                          "runs under its interpreter)")
     ap.add_argument("--max-rows", type=int, default=None, help="largest B (64; cuda 256)")
     ap.add_argument("--replay", type=int, default=None, help="run the case of this seed only")
+    ap.add_argument("--losses", default=",".join(LOSSES),
+                    help="comma-separated, drawn from per case (a replay needs the same list)")
     a = ap.parse_args()
+    losses = tuple(a.losses.split(","))
+    if not set(losses) <= set(LOSSES):
+        sys.exit(f"--losses: choose from {','.join(LOSSES)}, got {a.losses}")
     on_gpu = a.device == "cuda"
     want = a.backends.split(",") if a.backends else (
         ["cuda", "triton"] if on_gpu else ["cpu", "triton"])
@@ -347,7 +421,7 @@ def main() -> int:
         elif (a.cases is not None and bar.n >= a.cases) or (
                 a.cases is None and time.monotonic() > stop):
             break
-        case = draw(seed, max_labels, max_rows)
+        case = draw(seed, max_labels, max_rows, losses)
         for b in backends:
             problems = check(case, b, a.device)
             counts[b] += 1

@@ -93,10 +93,11 @@ def _bce_torch(z, y, spec, weight, pos_weight):
 
 
 def _focal_torch(z, y, spec, weight, pos_weight):
-    # torchvision.ops.sigmoid_focal_loss; 1 - p_t taken as sigmoid(-z) / sigmoid(z) (the same
-    # value, without the cancellation of 1 - sigmoid(z)).
+    # torchvision.ops.sigmoid_focal_loss; (1 - p_t)^gamma taken as exp(gamma logsigmoid(s)),
+    # s = -z / z (the same value, without the cancellation of 1 - sigmoid(z), and with a
+    # finite gradient where sigmoid(s) is 0: pow(0, gamma < 1)'s is inf * 0 = NaN).
     ce = F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none")
-    loss = ce * torch.sigmoid(torch.where(y, -z, z)) ** spec.gamma
+    loss = ce * torch.exp(spec.gamma * F.logsigmoid(torch.where(y, -z, z)))
     if spec.alpha >= 0:
         loss = loss * torch.full_like(z, 1 - spec.alpha).masked_fill(y, spec.alpha)
     return loss if weight is None else loss * weight

@@ -230,6 +230,21 @@ def test_gradcheck_torch(name, fn, reduction):
         lambda t: fn(t, y, ignore=ign, reduction=reduction, backend="torch"), (z,))
 
 
+def test_focal_gradient_finite_at_saturated_logits():
+    # gamma < 1 and sigmoid(s) = 0 in float32: torchvision's pow(0, gamma) gives a NaN
+    # gradient; the limit is 0 (the fused kernels' value too)
+    z = torch.tensor([[200.0, -200.0, 5.0, -3.0]], requires_grad=True)
+    y = torch.tensor([[False, False, True, False]])
+    shl.focal_loss(z, y, gamma=0.5, reduction="sum", backend="torch").backward()
+    assert z.grad.isfinite().all() and z.grad[0, 1] == 0
+    zd = z.detach().double().requires_grad_()  # float64: sigmoid(-200) > 0, pow is fine
+    p = torch.sigmoid(zd)
+    q = torch.where(y, 1 - p, p)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(zd, y.double(), reduction="none")
+    (0.25 * ce * q ** 0.5).where(y, 0.75 * ce * q ** 0.5).sum().backward()
+    torch.testing.assert_close(z.grad.double(), zd.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_ignore_semantics_and_csr():
     z = _t(Z).requires_grad_()
     y = _t(Y)

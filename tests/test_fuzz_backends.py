@@ -24,7 +24,7 @@ def _device(backend: str) -> str:
 @pytest.mark.parametrize("backend", FUSED)
 def test_short_fuzz_run_passes(fuzz, backend):
     small = backend == "triton" and not torch.cuda.is_available()  # the interpreter: slow
-    cases = 15 if small else 150
+    cases = 20 if small else 400
     for seed in range(cases):
         case = fuzz.draw(seed, 120 if small else 3000, 8 if small else 64)
         problems = fuzz.check(case, backend, _device(backend))
@@ -32,15 +32,19 @@ def test_short_fuzz_run_passes(fuzz, backend):
 
 
 def test_draw_covers_the_options(fuzz):
-    notes = [fuzz.draw(seed, 3000, 64).notes for seed in range(300)]
+    cases = [fuzz.draw(seed, 3000, 64) for seed in range(300)]
+    notes = [c.notes for c in cases]
+    assert {c.loss for c in cases} == set(fuzz.LOSSES)
     for key in ("dtype", "targets", "weights", "reduction", "inplace", "eta", "delta"):
         assert len({n[key] for n in notes}) > 1, key
     assert any("empty" in n["segments"] for n in notes)
     assert any(n["scale"] == 1000.0 for n in notes)
 
 
-@pytest.mark.parametrize("what, delta", [("loss", 1e-4), ("grad z", 1e-4), ("grad eta", 1e-3)])
-def test_checker_catches_a_small_error(fuzz, what, delta):
+@pytest.mark.parametrize("loss, what, delta", [
+    ("shl", "loss", 1e-4), ("shl", "grad z", 1e-4), ("shl", "grad eta", 1e-3),
+    ("focal", "loss", 1e-4), ("bce", "grad z", 1e-4)])
+def test_checker_catches_a_small_error(fuzz, loss, what, delta):
     # a backend returning the float64 reference with one value off by a relative delta
     index = fuzz.OUTPUTS.index(what)
 
@@ -51,9 +55,11 @@ def test_checker_catches_a_small_error(fuzz, what, delta):
         flat[k] += delta * flat[k].abs() + 1e-30
         return out
 
-    seed = next(s for s in range(100) if fuzz.draw(s, 300, 16).eta is not None
-                and fuzz.draw(s, 300, 16).z.dtype == torch.float32)
-    case = fuzz.draw(seed, 300, 16)
+    def usable(c):
+        return (c.z.dtype == torch.float32 and c.reduction != "none"
+                and (what != "grad eta" or c.eta is not None))
+
+    case = next(c for c in (fuzz.draw(s, 300, 16, (loss,)) for s in range(100)) if usable(c))
     assert fuzz.check(case, "torch", "cpu", runner=lambda *a: fuzz.run(
         case, "torch", "cpu", torch.float64)) == []
     problems = fuzz.check(case, "torch", "cpu", runner=off)
