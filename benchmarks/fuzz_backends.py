@@ -105,7 +105,10 @@ def _segmentation(r: random.Random, C: int) -> tuple[Segmentation, str]:
     return seg, shape + ("/identity" if identity else "/shuffled")
 
 
-def draw(seed: int, max_labels: int, max_rows: int, losses=LOSSES) -> Case:
+def draw(seed: int, max_labels: int, max_rows: int,
+         losses: tuple[str, ...] = LOSSES) -> Case:
+    """The case of `seed` (the same for the same arguments): C up to max_labels (log-uniform),
+    B up to max_rows, the loss one of `losses`."""
     r = random.Random(seed)
     loss = r.choice(losses)
     g = torch.Generator().manual_seed(seed)
