@@ -134,7 +134,8 @@ class FusedSHL(torch.autograd.Function):
 
 class Recompute:
     """Runs the forward kernel again, for a second backward or with the upstream gradient
-    folded into its scale (`factor`). The logits are held by a weak reference (a strong one
+    folded into its scale (`factor`); `fn(z, *masks, factor)` returns (grad, extra buffer or
+    None). The logits are held by a weak reference (a strong one
     would keep them alive until backward), except fp16 logits, whose gradient take_grad
     recomputes under a loss scale; the uint8 target and ignore masks (a quarter of an fp32
     gradient at most) are held."""
@@ -150,7 +151,8 @@ class Recompute:
         return z is not None and [t._version for t in (z, *self.masks)
                                   if t is not None] == self.versions
 
-    def __call__(self, factor: float = 1.0):
+    def __call__(self, factor: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if not self.ready():
             return None
         with torch.no_grad():
@@ -187,8 +189,7 @@ def take_grad(ctx, go: torch.Tensor, reduction: str, scale_extra: bool = False):
         factor = float(go.abs().where(go != 0, math.inf).min()) if go.dim() else float(go)
         if factor not in (0.0, 1.0) and math.isfinite(factor):
             grad = extra = None  # (freed before the kernel allocates the new ones)
-            again = recompute(factor)
-            grad, extra = again if isinstance(again, tuple) else (again, None)
+            grad, extra = recompute(factor)
             if reduction != "none":
                 return grad, 1.0, extra
             go = go / factor
@@ -199,7 +200,7 @@ def take_grad(ctx, go: torch.Tensor, reduction: str, scale_extra: bool = False):
                 "second backward through a fused loss: its gradient was handed to autograd "
                 "and cannot be recomputed (logits overwritten in place, freed or modified "
                 "since the forward); use backend='torch' or compute the loss again")
-        grad, extra = again if isinstance(again, tuple) else (again, None)
+        grad, extra = again
     if reduction == "none":
         # (go in its own dtype: rounded to fp16 first, a loss scale of 2^16 would be inf)
         grad.mul_(go if go.dim() == grad.dim() else go.unsqueeze(1))

@@ -140,7 +140,7 @@ class FusedElementwise(torch.autograd.Function):
         if out.dtype != z.dtype:  # (the loss in the logits' dtype, as torch's losses)
             out = out.to(z.dtype)
         ctx.grad_buffer, ctx.reduction, ctx.grad_dtype = grad, reduction, z.dtype  # take_grad
-        ctx.recompute = Recompute(lambda *t: run(*t)[1], z, pos, ign)
+        ctx.recompute = Recompute(lambda *t: (run(*t)[1], None), z, pos, ign)
         return out
 
     @staticmethod
